@@ -83,11 +83,15 @@ class ModelConfig:
         v = self.vocab_size if padded_tp is None else self.padded_vocab_size(padded_tp)
         per_layer = (
             2 * h  # ln_1
-            + 3 * h * h + 3 * h  # fused qkv
-            + h * h + h  # attention output projection
+            + 3 * h * h
+            + 3 * h  # fused qkv
+            + h * h
+            + h  # attention output projection
             + 2 * h  # ln_2
-            + h * f + f  # mlp up
-            + f * h + h  # mlp down
+            + h * f
+            + f  # mlp up
+            + f * h
+            + h  # mlp down
         )
         return v * h + self.max_position_embeddings * h + L * per_layer + 2 * h
 

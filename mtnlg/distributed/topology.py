@@ -45,9 +45,7 @@ class ParallelDims:
         if self.tp < 1:
             raise ParallelConfigError(f"--tensor-model-parallel-size must be >= 1, got {self.tp}")
         if self.pp < 1:
-            raise ParallelConfigError(
-                f"--pipeline-model-parallel-size must be >= 1, got {self.pp}"
-            )
+            raise ParallelConfigError(f"--pipeline-model-parallel-size must be >= 1, got {self.pp}")
         if self.world_size < 1:
             raise ParallelConfigError(f"world size must be >= 1, got {self.world_size}")
         if self.world_size % (self.tp * self.pp) != 0:
@@ -243,3 +241,32 @@ class Topology:
             f"Topology(rank={self.rank}, tp={self.tp_rank}/{self.tp}, pp={self.pp_rank}/{self.pp}, "
             f"dp={self.dp_rank}/{self.dp})"
         )
+
+
+class TensorParallelMPU:
+    """The mpu for DeepSpeed's activation checkpointing: its "model parallel" means TP only.
+
+    DeepSpeed partitions checkpointed activations over ``get_model_parallel_group()``; that must
+    be the TP group (ranks holding the same activations), never the pp x tp group.
+    """
+
+    def __init__(self, topo: Topology):
+        self._topo = topo
+
+    def get_model_parallel_rank(self) -> int:
+        return self._topo.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self._topo.tp
+
+    def get_model_parallel_group(self):
+        return self._topo.tp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self._topo.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self._topo.dp
+
+    def get_data_parallel_group(self):
+        return self._topo.dp_group

@@ -13,8 +13,9 @@ def test_gpt2_124m_matches_hugging_face_count():
 
 
 def test_counter_matches_transformers_on_a_small_shape():
-    cfg = ModelConfig(num_layers=3, hidden_size=96, num_attention_heads=4, vocab_size=1000,
-                      seq_length=64)
+    cfg = ModelConfig(
+        num_layers=3, hidden_size=96, num_attention_heads=4, vocab_size=1000, seq_length=64
+    )
     hf = GPT2LMHeadModel(
         GPT2Config(n_layer=3, n_embd=96, n_head=4, vocab_size=1000, n_positions=64)
     )
@@ -24,13 +25,19 @@ def test_counter_matches_transformers_on_a_small_shape():
 def test_mtnlg_530b_shape_and_count():
     cfg = get_preset("mtnlg-530b")
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.seq_length) == (
-        105, 20480, 128, 2048)
+        105,
+        20480,
+        128,
+        2048,
+    )
     assert cfg.vocab_size == 50257 and cfg.init_method_std == 0.004
     assert 525e9 < cfg.num_parameters() < 535e9
 
 
-@pytest.mark.parametrize("name,billions", [("gpt3-125m", 0.125), ("gpt3-1.3b", 1.3),
-                                            ("gpt3-13b", 13), ("gpt3-175b", 175)])
+@pytest.mark.parametrize(
+    "name,billions",
+    [("gpt3-125m", 0.125), ("gpt3-1.3b", 1.3), ("gpt3-13b", 13), ("gpt3-175b", 175)],
+)
 def test_gpt3_family_sizes(name, billions):
     n = get_preset(name).num_parameters() / 1e9
     assert abs(n - billions) / billions < 0.05

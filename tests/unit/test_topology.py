@@ -5,7 +5,16 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
 from mtnlg.distributed import ParallelConfigError, ParallelDims
 
-LAYOUTS = [(1, 1, 1), (2, 1, 2), (2, 2, 1), (8, 2, 2), (8, 2, 4), (16, 4, 2), (12, 1, 3), (280, 8, 35)]
+LAYOUTS = [
+    (1, 1, 1),
+    (2, 1, 2),
+    (2, 2, 1),
+    (8, 2, 2),
+    (8, 2, 4),
+    (16, 4, 2),
+    (12, 1, 3),
+    (280, 8, 35),
+]
 
 
 @pytest.mark.parametrize("world,tp,pp", LAYOUTS)

@@ -1,0 +1,91 @@
+"""GPT as a plain ``nn.Module`` (any TP degree, no pipeline).
+
+It is built from the same layer list, in the same order and with the same per-layer seeds, as the
+DeepSpeed pipeline form (``mtnlg.model.pipe``), so for one seed the two forms start from
+identical weights whatever the TP/PP layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from mtnlg.config import ModelConfig
+from mtnlg.model.layers import FinalLayerNorm, GPTEmbedding, TransformerBlock
+from mtnlg.tensor_parallel import gather_from_tp_region, vocab_parallel_cross_entropy
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the default generators (CPU and accelerator) with an int (DeepSpeed's seed_fn)."""
+    from deepspeed.accelerator import get_accelerator
+
+    seed = int(seed)
+    torch.manual_seed(seed)
+    get_accelerator().manual_seed_all(seed)
+
+
+class GPTLoss(nn.Module):
+    """Mean next-token loss from vocab-parallel logits; only (b, s) values cross TP ranks."""
+
+    def __init__(self, tp_group=None):
+        super().__init__()
+        self.tp_group = tp_group
+
+    def forward(self, logits: torch.Tensor, labels) -> torch.Tensor:
+        # logits: (b, s, V/tp); labels: (b, s) or ((b, s) labels, (b, s) loss mask)
+        if isinstance(labels, (tuple, list)):
+            labels, loss_mask = labels
+        else:
+            loss_mask = None
+        losses = vocab_parallel_cross_entropy(logits, labels, self.tp_group)  # (b, s) fp32
+        if loss_mask is None:
+            return losses.mean()
+        loss_mask = loss_mask.to(losses.dtype)
+        return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+
+
+class GPTModel(nn.Module):
+    """GPT-2 / MT-NLG decoder: embeddings, pre-LN blocks, final LN, output tied to the input."""
+
+    def __init__(self, cfg: ModelConfig, tp_group=None, seed: int = 1234):
+        super().__init__()
+        self.cfg = cfg
+        self.tp_group = tp_group
+        # Layer index i is seeded with seed + i, exactly as PipelineModule(seed_layers=True).
+        seed_everything(seed + 0)
+        self.embedding = GPTEmbedding(cfg, tp_group)
+        blocks = []
+        for i in range(cfg.num_layers):
+            seed_everything(seed + 1 + i)
+            blocks.append(TransformerBlock(cfg, tp_group))
+        self.layers = nn.ModuleList(blocks)
+        seed_everything(seed + 1 + cfg.num_layers)
+        self.final_norm = FinalLayerNorm(cfg)
+        self.loss_fn = GPTLoss(tp_group)
+        self.checkpoint_fn: Callable | None = None
+        """Set to an activation-checkpoint function (e.g. deepspeed.checkpointing.checkpoint)."""
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # (b, s) -> (b, s, h) after the final LayerNorm
+        x = self.embedding(input_ids)
+        for block in self.layers:
+            if self.checkpoint_fn is not None and self.training:
+                x = self.checkpoint_fn(block, x)
+            else:
+                x = block(x)
+        return self.final_norm(x)
+
+    def forward(self, input_ids: torch.Tensor, labels=None) -> torch.Tensor:
+        """Logits shard (b, s, V/tp) without labels, else the mean loss (a scalar)."""
+        logits = self.embedding.lm_logits(self.hidden_states(input_ids))
+        if labels is None:
+            return logits
+        return self.loss_fn(logits, labels)
+
+    @torch.no_grad()
+    def full_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """All-gathered logits (b, s, V) without the vocabulary padding: for inference/tests."""
+        logits = gather_from_tp_region(self.forward(input_ids), self.tp_group)
+        return logits[..., : self.cfg.vocab_size]

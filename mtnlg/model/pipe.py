@@ -1,0 +1,70 @@
+"""GPT as a DeepSpeed ``PipelineModule``: a flat list of layer specs.
+
+Index 0 is the embedding, 1..L the transformer blocks, L+1 the final LayerNorm and L+2 the
+output layer. The embedding is a ``TiedLayerSpec("embed")`` used twice: on the first stage as the
+input embedding and on the last as the output projection, DeepSpeed keeping both copies equal
+(it broadcasts at start and all-reduces their gradients). Stages are cut by counting
+``TransformerBlock`` specs. Between stages only the hidden state (b, s, h) travels.
+"""
+
+from __future__ import annotations
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+
+from mtnlg.config import ModelConfig
+from mtnlg.distributed.topology import Topology
+from mtnlg.model.gpt import GPTLoss, seed_everything
+from mtnlg.model.layers import FinalLayerNorm, GPTEmbedding, TransformerBlock
+
+
+def _lm_head(embedding: GPTEmbedding, hidden: torch.Tensor) -> torch.Tensor:
+    # (b, s, h) -> (b, s, V/tp) through the tied word embedding
+    return embedding.lm_logits(hidden)
+
+
+def gpt_layer_specs(cfg: ModelConfig, tp_group=None) -> list:
+    """The pipeline layer list; the plain ``GPTModel`` builds the same modules in this order."""
+    specs: list = [
+        TiedLayerSpec(
+            "embed", GPTEmbedding, cfg, tp_group, tied_weight_attr="word_embeddings.weight"
+        )
+    ]
+    specs += [LayerSpec(TransformerBlock, cfg, tp_group) for _ in range(cfg.num_layers)]
+    specs.append(LayerSpec(FinalLayerNorm, cfg))
+    specs.append(
+        TiedLayerSpec(
+            "embed",
+            GPTEmbedding,
+            cfg,
+            tp_group,
+            forward_fn=_lm_head,
+            tied_weight_attr="word_embeddings.weight",
+        )
+    )
+    return specs
+
+
+class GPTPipe(PipelineModule):
+    """The pipeline form of ``GPTModel`` for ``deepspeed.initialize`` (``engine.train_batch``)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        topo: Topology,
+        seed: int = 1234,
+        activation_checkpoint_interval: int = 0,
+        partition_method: str = "type:TransformerBlock",
+    ):
+        super().__init__(
+            layers=gpt_layer_specs(cfg, topo.tp_group),
+            loss_fn=GPTLoss(topo.tp_group),
+            topology=topo.ds_topo,
+            seed_layers=True,
+            seed_fn=seed_everything,
+            base_seed=seed,
+            partition_method=partition_method,
+            activation_checkpoint_interval=activation_checkpoint_interval,
+            checkpointable_layers=["TransformerBlock"],
+        )
+        self.cfg = cfg
