@@ -19,6 +19,19 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
+    launched = any(k in os.environ for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
+    if not dist.is_initialized() and not launched:
+        # A plain `python script.py`: one process, no launcher, no MPI probing.
+        os.environ.update(
+            {
+                "RANK": "0",
+                "LOCAL_RANK": "0",
+                "WORLD_SIZE": "1",
+                "LOCAL_WORLD_SIZE": "1",
+                "MASTER_ADDR": "127.0.0.1",
+            }
+        )
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not dist.is_initialized():
         deepspeed.init_distributed(
             dist_backend=acc.communication_backend_name(),
@@ -29,6 +42,14 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if acc.device_name() != "cpu":
         acc.set_device(local_rank)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def current_device() -> torch.device:

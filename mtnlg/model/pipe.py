@@ -68,3 +68,8 @@ class GPTPipe(PipelineModule):
             checkpointable_layers=["TransformerBlock"],
         )
         self.cfg = cfg
+        # seed_layers=True seeded each layer's construction (TP/PP-invariant init). DeepSpeed
+        # would also reseed the default generator before every layer of every forward from a
+        # micro-batch counter that a resumed run restarts at 0; turned off, dropout draws from
+        # the default and TP-tracker streams, which checkpoints save and restore.
+        self.seed_layers = False

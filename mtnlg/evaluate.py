@@ -1,0 +1,25 @@
+"""Evaluate an mtnlg checkpoint: mean NLL and perplexity on a validation split or a text file.
+
+    deepspeed --hostfile H mtnlg/evaluate.py --load CKPT --text-file wiki.test.raw \\
+        --output-json ppl.json
+
+Runs with the TP x PP it was saved with (or more processes: extra ones are data parallel).
+"""
+
+import os
+import sys
+
+if __name__ == "__main__":  # run as a file by the launchers: import the package, not siblings
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    sys.path.insert(0, os.path.dirname(here))
+
+from mtnlg.evaluation.run import run  # noqa: E402
+
+
+def main() -> None:
+    run(description=__doc__)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Command-line flags: Megatron-LM's names, grouped, resolved into small config objects.
+
+Flags keep Megatron's spelling (``--tensor-model-parallel-size``, ``--num-layers`` ...), so a
+Megatron-DeepSpeed launch line carries over. DeepSpeed's own ``--deepspeed`` /
+``--deepspeed_config`` are added by ``deepspeed.add_config_arguments``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from mtnlg.config import ModelConfig
+from mtnlg.presets import get_preset, preset_names
+
+MODEL_FLAGS = {
+    "num_layers": "--num-layers",
+    "hidden_size": "--hidden-size",
+    "num_attention_heads": "--num-attention-heads",
+    "seq_length": "--seq-length",
+    "max_position_embeddings": "--max-position-embeddings",
+    "ffn_hidden_size": "--ffn-hidden-size",
+    "make_vocab_size_divisible_by": "--make-vocab-size-divisible-by",
+    "hidden_dropout": "--hidden-dropout",
+    "attention_dropout": "--attention-dropout",
+    "init_method_std": "--init-method-std",
+    "layernorm_epsilon": "--layernorm-epsilon",
+}
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (defaults from --preset; explicit flags override it)")
+    g.add_argument("--preset", choices=preset_names(), help="named model size")
+    g.add_argument("--num-layers", type=int)
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--num-attention-heads", type=int)
+    g.add_argument("--seq-length", type=int)
+    g.add_argument("--max-position-embeddings", type=int)
+    g.add_argument("--ffn-hidden-size", type=int)
+    g.add_argument("--make-vocab-size-divisible-by", type=int)
+    g.add_argument("--hidden-dropout", type=float)
+    g.add_argument("--attention-dropout", type=float)
+    g.add_argument("--init-method-std", type=float)
+    g.add_argument("--layernorm-epsilon", type=float)
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP degree")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP degree")
+    g.add_argument(
+        "--local_rank",
+        "--local-rank",
+        type=int,
+        default=None,
+        help="set by the deepspeed launcher (ignored: LOCAL_RANK is read)",
+    )
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data and tokenizer")
+    g.add_argument("--data-path", nargs="+", help="PREFIX, or W1 PREFIX1 W2 PREFIX2 ... to blend")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test weights by documents")
+    g.add_argument("--data-cache-path", default=None, help="where index arrays are cached")
+    g.add_argument(
+        "--tokenizer-type",
+        default="GPT2BPETokenizer",
+        choices=["GPT2BPETokenizer", "HFTokenizer", "SentencePieceTokenizer"],
+    )
+    g.add_argument("--vocab-file")
+    g.add_argument("--merge-file")
+    g.add_argument("--tokenizer-model")
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int)
+    g.add_argument("--rampup-batch-size", nargs=3, type=int, metavar=("START", "INC", "SAMPLES"))
+    g.add_argument("--train-iters", type=int)
+    g.add_argument("--train-samples", type=int)
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", default="cosine", choices=["constant", "linear", "cosine"])
+    g.add_argument("--lr-decay-iters", type=int)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-tokens", type=int)
+    g.add_argument("--lr-decay-tokens", type=int)
+    g.add_argument("--weight-decay", type=float, help="default 0.01")
+    g.add_argument("--adam-beta1", type=float, help="default 0.9")
+    g.add_argument("--adam-beta2", type=float, help="default 0.999")
+    g.add_argument("--adam-eps", type=float, help="default 1e-8")
+    g.add_argument("--clip-grad", type=float, help="default 1.0")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument(
+        "--checkpoint-activations",
+        action="store_true",
+        help="recompute each transformer block in backward (DeepSpeed, TP-partitioned)",
+    )
+    g.add_argument(
+        "--zero-stage",
+        type=int,
+        choices=[0, 1, 2, 3],
+        help="ZeRO stage if the DeepSpeed config does not set one (default 1)",
+    )
+
+
+def add_checkpoint_logging_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("checkpoints, evaluation, logging")
+    g.add_argument("--save")
+    g.add_argument("--load")
+    g.add_argument("--save-interval", type=int)
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--exit-interval", type=int, help="stop (after saving) at this iteration")
+    g.add_argument("--tensorboard-dir")
+    g.add_argument("--metrics-file", help="JSON Lines: one object per logged iteration / eval")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    import deepspeed
+
+    p = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    for add in (
+        add_model_args,
+        add_parallel_args,
+        add_data_args,
+        add_training_args,
+        add_checkpoint_logging_args,
+    ):
+        add(p)
+    deepspeed.add_config_arguments(p)
+    return p
+
+
+def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelConfig:
+    """Preset (if any) overridden by explicit flags; missing shape flags are a clear error."""
+    overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k, None) is not None}
+    if args.preset:
+        return get_preset(args.preset, vocab_size=vocab_size, **overrides)
+    for k in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+        if k not in overrides:
+            raise SystemExit(f"error: {MODEL_FLAGS[k]} is required (or give --preset NAME)")
+    return ModelConfig(vocab_size=vocab_size, **overrides)

@@ -1,0 +1,126 @@
+"""Checkpoints: DeepSpeed's layout plus our metadata, RNG states, tokenizer, and a safe `latest`.
+
+Layout of ``--save DIR``::
+
+    DIR/latest                      tag of the newest COMPLETE checkpoint (written last)
+    DIR/iter_0000100/               DeepSpeed's files (model, ZeRO optimizer shards)
+    DIR/iter_0000100/mtnlg_meta.json   resolved model/parallel/train config, progress
+    DIR/iter_0000100/tokenizer/     the tokenizer files, so the checkpoint is self-describing
+    DIR/iter_0000100/rng/rank_00003.pt  every rank's generator states
+
+``latest`` moves only after a barrier that every rank reaches once its files are written, and
+it is replaced atomically (temp file + rename): a crash mid-save leaves the previous tag usable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+META = "mtnlg_meta.json"
+FORMAT_VERSION = 1
+
+
+def tag_for(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def read_latest(load_dir: str | Path) -> str:
+    path = Path(load_dir) / "latest"
+    if not path.is_file():
+        raise SystemExit(f"error: --load {load_dir}: no 'latest' file (not an mtnlg checkpoint?)")
+    return path.read_text().strip()
+
+
+def read_meta(load_dir: str | Path, tag: str | None = None) -> dict[str, Any]:
+    tag = tag or read_latest(load_dir)
+    path = Path(load_dir) / tag / META
+    if not path.is_file():
+        raise SystemExit(f"error: --load {load_dir}: {path} is missing (incomplete checkpoint?)")
+    return json.loads(path.read_text())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    from deepspeed.accelerator import get_accelerator
+
+    from mtnlg.tensor_parallel.random import get_rng_tracker
+
+    acc = get_accelerator()
+    state = {"torch": torch.get_rng_state(), "tracker": get_rng_tracker().get_states()}
+    if acc.device_name() != "cpu":
+        state["accelerator"] = acc.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    from mtnlg.tensor_parallel.random import get_rng_tracker
+
+    torch.set_rng_state(state["torch"])
+    get_rng_tracker().set_states(state["tracker"])
+    if "accelerator" in state:
+        get_accelerator().set_rng_state(state["accelerator"])
+
+
+def save(engine, topo, save_dir: str, iteration: int, meta: dict[str, Any], tokenizer=None) -> str:
+    """Every rank calls this. Returns the tag written."""
+    import torch.distributed as dist
+
+    tag = tag_for(iteration)
+    root = Path(save_dir)
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    ckpt = root / tag
+    rng_dir = ckpt / "rng"
+    rng_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), rng_dir / f"rank_{topo.rank:05d}.pt")
+    if topo.rank == 0:
+        if tokenizer is not None:
+            tokenizer.save(ckpt / "tokenizer")
+        _write_atomic(
+            ckpt / META,
+            json.dumps({"format_version": FORMAT_VERSION, "tag": tag, **meta}, indent=2),
+        )
+    if os.environ.get("MTNLG_TEST_DIE_BEFORE_LATEST") == str(iteration):
+        os._exit(17)  # test hook: a crash after the files, before `latest` moves
+    dist.barrier()  # every rank has written its files
+    if topo.rank == 0:
+        _write_atomic(root / "latest", tag + "\n")
+    dist.barrier()
+    return tag
+
+
+def load(engine, topo, load_dir: str, *, load_optimizer: bool = True) -> dict[str, Any]:
+    """Load the newest complete checkpoint into ``engine``; returns its metadata."""
+    tag = read_latest(load_dir)
+    meta = read_meta(load_dir, tag)
+    saved = meta["parallel"]
+    if (saved["tp"], saved["pp"]) != (topo.tp, topo.pp):
+        raise SystemExit(
+            f"error: --load {load_dir} was saved with TP={saved['tp']} PP={saved['pp']} but this "
+            f"run uses TP={topo.tp} PP={topo.pp}; reshard it with "
+            "checkpoint_tools/convert_checkpoint.py reshard"
+        )
+    path, _ = engine.load_checkpoint(
+        load_dir,
+        tag=tag,
+        load_optimizer_states=load_optimizer,
+        load_lr_scheduler_states=False,
+        load_module_only=not load_optimizer,
+    )
+    if path is None:
+        raise SystemExit(f"error: --load {load_dir}: DeepSpeed could not load tag {tag}")
+    rng_file = Path(load_dir) / tag / "rng" / f"rank_{topo.rank:05d}.pt"
+    if load_optimizer and rng_file.is_file() and saved.get("dp") == topo.dp:
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return meta

@@ -1,0 +1,204 @@
+"""Pretraining end to end: layouts agree, ZeRO stages agree, exact resume, launcher, bad flags.
+
+References are TP=1 x PP=1 x DP=1 runs of the same seed and data (fp32, dropout off where
+layouts are compared, since masks legitimately differ between layouts).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.e2e.conftest import ROOT, TINY_MERGES, TINY_VOCAB
+from tests.helpers.dist import free_port, run_distributed
+
+ITERS = 10
+DROP = 0.1
+
+
+def base_args(prefix: str, tp=1, pp=1, iters=ITERS, gb=8, mb=2, dropout=0.0, extra=()):
+    return [
+        "--tensor-model-parallel-size",
+        str(tp),
+        "--pipeline-model-parallel-size",
+        str(pp),
+        "--num-layers",
+        "4",
+        "--hidden-size",
+        "64",
+        "--num-attention-heads",
+        "4",
+        "--seq-length",
+        "32",
+        "--make-vocab-size-divisible-by",
+        "8",
+        "--hidden-dropout",
+        str(dropout),
+        "--attention-dropout",
+        str(dropout),
+        "--micro-batch-size",
+        str(mb),
+        "--global-batch-size",
+        str(gb),
+        "--train-iters",
+        str(iters),
+        "--lr",
+        "2e-3",
+        "--min-lr",
+        "2e-4",
+        "--lr-decay-style",
+        "cosine",
+        "--lr-warmup-iters",
+        "2",
+        "--weight-decay",
+        "0.1",
+        "--adam-beta2",
+        "0.95",
+        "--clip-grad",
+        "1.0",
+        "--seed",
+        "7",
+        "--data-path",
+        prefix,
+        "--split",
+        "95,5,0",
+        "--vocab-file",
+        str(TINY_VOCAB),
+        "--merge-file",
+        str(TINY_MERGES),
+        "--log-interval",
+        "5",
+        "--eval-interval",
+        "1000",
+        "--eval-iters",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def _pretrain(rank, world_size, argv):
+    from mtnlg.training.pretrain import run
+
+    progress = run(argv)
+    return [loss for _, loss in progress.losses]
+
+
+def losses(argv, world_size, timeout=300):
+    out = run_distributed(_pretrain, world_size=world_size, args=(argv,), timeout=timeout)
+    assert all(o == out[0] for o in out), "ranks disagree on the loss"
+    return out[0]
+
+
+@pytest.fixture(scope="module")
+def reference(demo_prefix):
+    return losses(base_args(demo_prefix), 1)
+
+
+@pytest.mark.timeout(600)
+def test_tp2_pp2_matches_tp1_pp1(demo_prefix, reference):
+    got = losses(base_args(demo_prefix, tp=2, pp=2), 4)
+    assert got == pytest.approx(reference, rel=1e-4)
+    assert reference[-1] < reference[0] - 0.5  # it learns
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_dp2_zero_stages_match_dp1(demo_prefix, reference, zero):
+    got = losses(base_args(demo_prefix, extra=["--zero-stage", str(zero)]), 2)
+    assert got == pytest.approx(reference, rel=1e-4)
+
+
+@pytest.mark.timeout(600)
+def test_resume_is_exact_with_dropout(demo_prefix, tmp_path):
+    """20 iterations straight == 10, save, resume, 10 more: bit for bit (CPU fp32)."""
+    save = str(tmp_path / "ckpt")
+    args = base_args(demo_prefix, pp=2, iters=20, dropout=DROP)
+    straight = losses(args + ["--save", save, "--save-interval", "10"], 2)
+    first = losses(
+        base_args(
+            demo_prefix,
+            pp=2,
+            iters=20,
+            dropout=DROP,
+            extra=["--save", str(tmp_path / "b"), "--exit-interval", "10"],
+        ),
+        2,
+    )
+    resumed = losses(args + ["--load", str(tmp_path / "b")], 2)
+    assert first == straight[:10]
+    assert resumed == straight[10:]
+
+
+def _launch(argv, env_extra=None, nproc=2, timeout=400):
+    hostfile = ROOT / "launch" / "hostfile.localhost"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--hostfile",
+        str(hostfile),
+        "--no_ssh_check",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "--num_gpus",
+        str(nproc),
+        str(ROOT / "mtnlg" / "pretrain.py"),
+        *argv,
+    ]
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.timeout(900)
+def test_deepspeed_launcher_and_crash_during_save(demo_prefix, tmp_path):
+    """Real `deepspeed --hostfile` launch; a crash mid-save leaves a resumable checkpoint."""
+    save = tmp_path / "ckpt"
+    args = base_args(
+        demo_prefix, tp=2, iters=8, extra=["--save", str(save), "--save-interval", "4"]
+    )
+    crashed = _launch(args, {"MTNLG_TEST_DIE_BEFORE_LATEST": "8"})
+    assert crashed.returncode != 0
+    assert (save / "latest").read_text().strip() == "iter_0000004"  # `latest` did not move
+    resumed = _launch(args + ["--load", str(save)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "iteration 8/8" in resumed.stdout
+    assert (save / "latest").read_text().strip() == "iter_0000008"
+
+
+@pytest.mark.parametrize(
+    "extra,flag",
+    [
+        (["--global-batch-size", "7"], "--global-batch-size"),
+        (["--pipeline-model-parallel-size", "2", "--zero-stage", "2"], "ZeRO stage 2"),
+        (["--data-path", "/nonexistent/prefix"], "/nonexistent/prefix"),
+        (
+            [
+                "--num-attention-heads",
+                "3",
+                "--hidden-size",
+                "48",
+                "--tensor-model-parallel-size",
+                "2",
+            ],
+            "--num-attention-heads",
+        ),
+    ],
+)
+def test_bad_configs_fail_fast(demo_prefix, extra, flag):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "mtnlg" / "pretrain.py"), *base_args(demo_prefix), *extra],
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode != 0
+    assert flag in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
