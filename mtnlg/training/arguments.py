@@ -118,6 +118,11 @@ def add_checkpoint_logging_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensorboard-dir")
     g.add_argument("--metrics-file", help="JSON Lines: one object per logged iteration / eval")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    g.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="device peak TFLOP/s for MFU in the logs (A100 bf16: 312, H100: 989)",
+    )
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:

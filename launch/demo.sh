@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# `make demo`: the main job end to end on the CPU, on the Shakespeare corpus stored in the repo.
+#   1. preprocess data/demo/shakespeare.jsonl into Megatron's .bin/.idx (GPT-2 BPE, EOD appended)
+#   2. pretrain a small GPT with TP=2 x PP=2 on 4 processes through `deepspeed --hostfile`
+#   3. plot the loss curve (PNG), 4. evaluate the checkpoint's validation perplexity
+#   5. distill it into a smaller student, export to Hugging Face, generate with transformers
+# Everything lands in out/demo/. Override ITERS=... for a longer run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+DS=${DS:-.venv/bin/deepspeed}
+OUT=${OUT:-out/demo}
+ITERS=${ITERS:-150}
+export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+VOCAB=data/gpt2-tiny/gpt2-tiny-vocab.json
+MERGES=data/gpt2-tiny/gpt2-tiny-merges.txt
+LAUNCH=("$DS" --hostfile launch/hostfile.localhost --no_ssh_check --master_addr 127.0.0.1)
+
+rm -rf "$OUT" && mkdir -p "$OUT/data"
+echo "== 1/5 preprocess data/demo/shakespeare.jsonl"
+"$PY" -m mtnlg.data.preprocess --input data/demo/shakespeare.jsonl \
+  --output-prefix "$OUT/data/shakespeare" --tokenizer-type GPT2BPETokenizer \
+  --vocab-file "$VOCAB" --merge-file "$MERGES" --append-eod --workers 2
+DATA="$OUT/data/shakespeare_text_document"
+
+echo "== 2/5 pretrain: TP=2 x PP=2 x DP=1 on 4 CPU processes (deepspeed --hostfile)"
+"${LAUNCH[@]}" --master_port 29611 mtnlg/pretrain.py \
+  --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 \
+  --num-layers 4 --hidden-size 128 --num-attention-heads 4 --seq-length 128 \
+  --micro-batch-size 4 --global-batch-size 16 --train-iters "$ITERS" \
+  --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters 5 \
+  --hidden-dropout 0.0 --attention-dropout 0.0 --seed 1234 \
+  --data-path "$DATA" --split 95,5,0 --tokenizer-type GPT2BPETokenizer \
+  --vocab-file "$VOCAB" --merge-file "$MERGES" \
+  --log-interval 10 --eval-interval 50 --eval-iters 2 \
+  --save "$OUT/ckpt" --save-interval "$ITERS" \
+  --metrics-file "$OUT/metrics.jsonl" --tensorboard-dir "$OUT/tensorboard" \
+  --deepspeed --deepspeed_config ds_configs/cpu_fp32_zero1.json
+
+echo "== 3/5 loss curve"
+"$PY" -m mtnlg.plot "$OUT/metrics.jsonl" --output "$OUT/loss.png" --title "mtnlg demo"
+
+echo "== 4/5 evaluate the checkpoint at its own TP=2 x PP=2"
+"${LAUNCH[@]}" --master_port 29612 mtnlg/evaluate.py --load "$OUT/ckpt" \
+  --data-path "$DATA" --split 95,5,0 --eval-samples 64 --output-json "$OUT/eval.json"
+cat "$OUT/eval.json"
+
+if [ -f mtnlg/distill.py ] && [ -d mtnlg/checkpoint ]; then
+  echo "== 5/5 distill into a 2-layer student, export to Hugging Face, generate"
+  bash launch/demo_distill.sh "$OUT" "$DATA"
+fi
+echo "demo done: $OUT/loss.png, $OUT/ckpt, $OUT/eval.json"
