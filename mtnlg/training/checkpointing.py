@@ -101,7 +101,12 @@ def save(engine, topo, save_dir: str, iteration: int, meta: dict[str, Any], toke
 
 
 def load(engine, topo, load_dir: str, *, load_optimizer: bool = True) -> dict[str, Any]:
-    """Load the newest complete checkpoint into ``engine``; returns its metadata."""
+    """Load the newest complete checkpoint into ``engine``; returns its metadata.
+
+    A checkpoint whose metadata says ``"weights_only": true`` (written by
+    ``checkpoint_tools/convert_checkpoint.py``) loads its weights only: the optimizer starts
+    fresh and the RNG states are not restored.
+    """
     tag = read_latest(load_dir)
     meta = read_meta(load_dir, tag)
     saved = meta["parallel"]
@@ -111,6 +116,9 @@ def load(engine, topo, load_dir: str, *, load_optimizer: bool = True) -> dict[st
             f"run uses TP={topo.tp} PP={topo.pp}; reshard it with "
             "checkpoint_tools/convert_checkpoint.py reshard"
         )
+    if meta.get("weights_only"):
+        # hf-to-mtnlg or a reshard without optimizer state: weights only, fresh optimizer/RNG
+        load_optimizer = False
     path, _ = engine.load_checkpoint(
         load_dir,
         tag=tag,

@@ -202,3 +202,89 @@ def test_bad_configs_fail_fast(demo_prefix, extra, flag):
     assert proc.returncode != 0
     assert flag in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("tp,pp", [(2, 1), (2, 2)])
+def test_activation_checkpointing_matches(demo_prefix, reference, tp, pp):
+    """DeepSpeed activation checkpointing (activations partitioned over TP) changes nothing."""
+    got = losses(base_args(demo_prefix, tp=tp, pp=pp, extra=["--checkpoint-activations"]), tp * pp)
+    assert got == pytest.approx(reference, rel=1e-4)
+
+
+def _pretrain_metrics(rank, world_size, argv, metrics):
+    from mtnlg.training.pretrain import run
+
+    run(argv + ["--metrics-file", metrics])
+    return None
+
+
+@pytest.mark.timeout(600)
+def test_rampup_and_bf16(demo_prefix, reference, tmp_path):
+    """Batch ramp 4 -> 8 by 2 over 24 samples (MT-NLG style), in bf16 on the CPU."""
+    import json
+
+    metrics = str(tmp_path / "m.jsonl")
+    argv = base_args(
+        demo_prefix,
+        gb=8,
+        mb=2,
+        extra=["--rampup-batch-size", "4", "2", "24", "--log-interval", "1", "--bf16"],
+    )
+    run_distributed(_pretrain_metrics, world_size=1, args=(argv, metrics), timeout=300)
+    rows = [json.loads(line) for line in open(metrics) if '"train"' in line]
+    batches = [r["global_batch"] for r in rows]
+    # 24 samples over (8-4)/2 = 2 increments: 4 until 12 samples, 6 until 24, then 8
+    assert batches[:6] == [4, 4, 4, 6, 6, 8] and set(batches[6:]) == {8}
+    consumed = [r["consumed_samples"] for r in rows]
+    assert consumed[:6] == [4, 8, 12, 18, 24, 32]
+    losses_bf16 = [r["loss"] for r in rows]
+    assert all(x == x and x < 20 for x in losses_bf16)  # finite
+    assert losses_bf16[-1] < losses_bf16[0]
+
+
+def _logged_losses(stdout: str) -> list[str]:
+    return [
+        line.split("| loss ")[1].split(" ")[0]
+        for line in stdout.splitlines()
+        if line.startswith("iteration ") and "| loss " in line
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_torchrun_and_mpirun_launch(demo_prefix):
+    """The same run under torchrun and under mpirun (mpi4py discovery) logs the same losses."""
+    bindir = os.path.dirname(sys.executable)
+    argv = [str(ROOT / "mtnlg" / "pretrain.py"), *base_args(demo_prefix, tp=2, iters=3)]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    runs = {
+        "torchrun": [
+            os.path.join(bindir, "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            *argv,
+        ],
+        "mpirun": [
+            os.path.join(bindir, "mpirun"),
+            "-np",
+            "2",
+            "--allow-run-as-root",
+            "--map-by",
+            "slot:OVERSUBSCRIBE",
+            "-x",
+            "DS_ACCELERATOR",
+            "-x",
+            "OMP_NUM_THREADS",
+            sys.executable,
+            *argv,
+        ],
+    }
+    logged = {}
+    for name, cmd in runs.items():
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (name, proc.stderr[-3000:])
+        logged[name] = _logged_losses(proc.stdout)
+    assert len(logged["torchrun"]) == 1 and logged["torchrun"] == logged["mpirun"]

@@ -1,0 +1,1 @@
+"""Command-line tools around mtnlg checkpoints (the logic lives in ``mtnlg.checkpoint``)."""

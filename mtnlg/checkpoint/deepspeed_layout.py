@@ -1,0 +1,446 @@
+"""DeepSpeed checkpoint files of an mtnlg run: read any TP/PP layer by layer, write any layout.
+
+Files of one tag (DeepSpeed's names; "mp rank" = pp_stage * tp + tp_rank)::
+
+    mp_rank_{mp:02d}_model_states.pt           PP=1: {"module": GPTModel state of one TP rank}
+                                               PP>1: bookkeeping only ("module": None)
+    layer_{idx:02d}-model_{tp:02d}-model_states.pt   PP>1: one pipeline layer of one TP rank
+                                               (0 embedding, 1..L blocks, L+1 final norm)
+    zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt   ZeRO-1/2: fp32 master + Adam moments
+                                               of one DP partition of the stage's flat groups
+
+ZeRO keeps, per stage and TP rank, two flat fp32 groups (weight decay: 2-D parameters; no
+decay: the rest), parameters concatenated in module order, padded to a multiple of 2 x DP and
+cut into DP equal partitions. Everything we read is loaded with ``weights_only=True`` and
+``mmap=True`` (only the bytes of the layer being converted are paged in).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mtnlg.checkpoint import rules
+from mtnlg.checkpoint.rules import CheckpointError
+from mtnlg.config import ModelConfig
+
+META = "mtnlg_meta.json"
+
+
+def _safe_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: Path) -> Any:
+    """``torch.load(weights_only=True, mmap=True)``; a clear error for missing/truncated files."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing shard file")
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(
+            f"{path}: cannot read ({str(e).splitlines()[0]}); truncated?"
+        ) from None
+
+
+def stage_bounds(cfg: ModelConfig, pp: int) -> list[int]:
+    """DeepSpeed's ``partition_method="type:TransformerBlock"`` cut of the L+3 pipeline layers."""
+    from deepspeed.runtime.utils import partition_balanced
+
+    weights = [0] + [1] * cfg.num_layers + [0, 0]
+    return partition_balanced(weights=weights, num_parts=pp)
+
+
+def stage_of(group: str, cfg: ModelConfig, bounds: list[int]) -> list[int]:
+    """Stages holding ``group``; the tied embedding lives on the first and the last."""
+    idx = rules.pipe_index(group, cfg)
+    stages = [s for s in range(len(bounds) - 1) if bounds[s] <= idx < bounds[s + 1]]
+    if group == "embedding" and len(bounds) > 2:
+        stages.append(len(bounds) - 2)
+    return stages
+
+
+def engine_name(name: str, cfg: ModelConfig, pp: int) -> str:
+    """GPTModel name -> the engine's parameter name (pipeline names when PP > 1)."""
+    if pp == 1:
+        return name
+    g = rules.group_of(name)
+    if g == "embedding":
+        return "tied_modules.embed." + rules.to_local(name)
+    return f"{rules.pipe_index(g, cfg)}.{rules.to_local(name)}"
+
+
+def stage_param_order(cfg: ModelConfig, pp: int, stage: int, bounds: list[int]) -> list[str]:
+    """GPTModel names of a stage's parameters in the engine's registration order."""
+    names = rules.expected_names(cfg)
+    if pp == 1:
+        return names
+    held = [n for n in names if stage in stage_of(rules.group_of(n), cfg, bounds)]
+    emb = [n for n in held if rules.group_of(n) == "embedding"]  # tied modules come first
+    return emb + [n for n in held if rules.group_of(n) != "embedding"]
+
+
+def zero_groups(cfg: ModelConfig, order: list[str]) -> list[list[str]]:
+    """The two optimizer groups (decay: >= 2-D; no decay) in flat order."""
+    two_d = [n for n in order if len(rules.full_shape(n, cfg)) >= 2]
+    return [two_d, [n for n in order if n not in set(two_d)]]
+
+
+def model_file(d: Path, mp: int) -> Path:
+    return d / f"mp_rank_{mp:02d}_model_states.pt"
+
+
+def layer_file(d: Path, idx: int, tp_rank: int) -> Path:
+    return d / f"layer_{idx:02d}-model_{tp_rank:02d}-model_states.pt"
+
+
+def optim_file(d: Path, dp_rank: int, mp: int) -> Path:
+    return d / f"zero_pp_rank_{dp_rank}_mp_rank_{mp:02d}_optim_states.pt"
+
+
+def resolve_dir(path: str | Path, tag: str | None = None) -> Path:
+    """The tag folder of a checkpoint root (``latest`` or ``tag``), or a tag folder itself."""
+    root = Path(path)
+    if (root / META).is_file() and tag is None:
+        return root
+    if tag is None:
+        latest = root / "latest"
+        if not latest.is_file():
+            raise CheckpointError(
+                f"{root}: no 'latest' file and no {META} (not an mtnlg checkpoint)"
+            )
+        tag = latest.read_text().strip()
+    d = root / tag
+    if not (d / META).is_file():
+        raise CheckpointError(f"{d}: no {META} (incomplete checkpoint or wrong --tag)")
+    return d
+
+
+class DSCheckpoint:
+    """Read side: a saved mtnlg checkpoint at any TP/PP, one layer group at a time."""
+
+    def __init__(self, path: str | Path, tag: str | None = None):
+        self.dir = resolve_dir(path, tag)
+        self.meta = json.loads((self.dir / META).read_text())
+        self.cfg = ModelConfig.from_dict(self.meta["model"])
+        par = self.meta["parallel"]
+        self.tp, self.pp, self.dp = par["tp"], par["pp"], par.get("dp", 1)
+        self.bounds = stage_bounds(self.cfg, self.pp)
+        self._check_files()
+
+    @property
+    def has_optimizer(self) -> bool:
+        return not self.meta.get("weights_only") and optim_file(self.dir, 0, 0).is_file()
+
+    def _check_files(self) -> None:
+        found = {p.name for p in self.dir.glob("*model_states.pt")}
+        want = {model_file(self.dir, m).name for m in range(self.tp * self.pp)}
+        if self.pp > 1:
+            want |= {
+                layer_file(self.dir, idx, r).name
+                for idx in range(self.cfg.num_layers + 2)
+                for r in range(self.tp)
+            }
+        missing, extra = sorted(want - found), sorted(found - want)
+        if missing:
+            raise CheckpointError(
+                f"{self.dir}: missing shards for TP={self.tp} PP={self.pp}: {missing[:4]}"
+            )
+        if extra:
+            raise CheckpointError(
+                f"{self.dir}: extra shards not expected at TP={self.tp} PP={self.pp}: {extra[:4]}"
+            )
+
+    def tokenizer(self):
+        from mtnlg.data.tokenizer import load_tokenizer
+
+        tok = self.dir / "tokenizer"
+        return load_tokenizer(tok) if tok.is_dir() else None
+
+    def shards(self, group: str) -> list[dict[str, Tensor]]:
+        """Every TP rank's tensors of ``group`` (GPTModel names), copied out of the mmap."""
+        names = rules.group_names(group, self.cfg)
+        out = []
+        for r in range(self.tp):
+            if self.pp == 1:
+                path = model_file(self.dir, r)
+                module = safe_load(path).get("module")
+                if not isinstance(module, dict):
+                    raise CheckpointError(f"{path}: no 'module' state dict")
+                unknown = [k for k in module if rules.group_of(k) not in self._groups]
+                if unknown:
+                    raise CheckpointError(f"{path}: unknown keys {unknown[:4]}")
+                local = {k: module[k] for k in names if k in module}
+            else:
+                path = layer_file(self.dir, rules.pipe_index(group, self.cfg), r)
+                sd = safe_load(path)
+                local = {f"{group}.{k}": v for k, v in sd.items()}
+                unknown = sorted(set(local) - set(names))
+                if unknown:
+                    raise CheckpointError(f"{path}: unknown keys {unknown[:4]}")
+            missing = sorted(set(names) - set(local))
+            if missing:
+                raise CheckpointError(f"{path}: missing keys {missing[:4]}")
+            out.append({k: local[k].float().clone() for k in names})
+        return out
+
+    @property
+    def _groups(self) -> set[str]:
+        return set(rules.layer_groups(self.cfg))
+
+    def full_group(self, group: str) -> dict[str, Tensor]:
+        """The full (TP=1, unpadded, fp32) tensors of one layer group, shapes checked."""
+        full = rules.merge_dicts(self.shards(group), self.cfg)
+        for k, v in full.items():
+            rules.check_full(k, v, self.cfg)
+        return full
+
+    # ---- optimizer state ------------------------------------------------------------------
+
+    def optimizer_group(self, group: str) -> dict[str, dict[str, Tensor]]:
+        """Full fp32 master weights and Adam moments of ``group``: {kind: {name: tensor}}."""
+        stage = stage_of(group, self.cfg, self.bounds)[0]
+        order = stage_param_order(self.cfg, self.pp, stage, self.bounds)
+        names = rules.group_names(group, self.cfg)
+        per_rank: dict[str, list[dict[str, Tensor]]] = {k: [] for k in OPT_KEYS}
+        for r in range(self.tp):
+            mp = stage * self.tp + r
+            parts = [safe_load(optim_file(self.dir, d, mp)) for d in range(self.dp)]
+            shapes = safe_load(model_file(self.dir, mp))["param_shapes"]
+            got = {k: {} for k in OPT_KEYS}
+            for g, gnames in enumerate(zero_groups(self.cfg, order)):
+                eng = [engine_name(n, self.cfg, self.pp) for n in gnames]
+                if list(shapes[g]) != eng:
+                    raise CheckpointError(
+                        f"{model_file(self.dir, mp)}: optimizer group {g} holds "
+                        f"{list(shapes[g])[:3]}..., expected {eng[:3]}..."
+                    )
+                flats = _flat_parts(parts, g)
+                off = 0
+                for n, e in zip(gnames, eng):
+                    shape = tuple(shapes[g][e])
+                    numel = int(torch.Size(shape).numel())
+                    if n in names:
+                        for k in OPT_KEYS:
+                            got[k][n] = _slice(flats[k], off, numel).view(shape).clone()
+                    off += numel
+            for k in OPT_KEYS:
+                per_rank[k].append(got[k])
+        out = {k: rules.merge_dicts(per_rank[k], self.cfg) for k in OPT_KEYS}
+        return out
+
+    def optimizer_common(self) -> dict[str, Any]:
+        """The scalar/small parts of rank 0's optimizer file (step, hyper-parameters, scaler)."""
+        sd = safe_load(optim_file(self.dir, 0, 0))
+        osd = sd["optimizer_state_dict"]
+        base = osd["base_optimizer_state"]
+        return {
+            "loss_scaler": osd["loss_scaler"],
+            "dynamic_loss_scale": osd["dynamic_loss_scale"],
+            "overflow": osd["overflow"],
+            "clip_grad": osd["clip_grad"],
+            "zero_stage": osd["zero_stage"],
+            "ds_version": osd["ds_version"],
+            "param_groups": base["param_groups"],
+            "step": {g: base["state"][g]["step"].clone() for g in base["state"]},
+            "ds_config": sd.get("ds_config"),
+        }
+
+    def engine_state(self) -> dict[str, Any]:
+        sd = safe_load(model_file(self.dir, 0))
+        keep = ("global_steps", "global_samples", "skipped_steps", "ds_config", "ds_version")
+        return {k: sd.get(k) for k in keep}
+
+
+OPT_KEYS = ("master", "exp_avg", "exp_avg_sq")
+
+
+def _flat_parts(parts: list[dict], g: int) -> dict[str, list[Tensor]]:
+    """Per DP rank, group ``g``'s flat master/moments (moments trimmed to the master's length)."""
+    out: dict[str, list[Tensor]] = {k: [] for k in OPT_KEYS}
+    for sd in parts:
+        osd = sd["optimizer_state_dict"]
+        if any(any(p) for p in osd.get("param_alignment_paddings", [[]])):
+            raise CheckpointError("ZeRO parameter_alignment padding is not supported")
+        master = osd["single_partition_of_fp32_groups"][g]
+        state = osd["base_optimizer_state"]["state"][g]
+        out["master"].append(master)
+        out["exp_avg"].append(state["exp_avg"][: master.numel()])
+        out["exp_avg_sq"].append(state["exp_avg_sq"][: master.numel()])
+    return out
+
+
+def _slice(parts: list[Tensor], start: int, numel: int) -> Tensor:
+    """``cat(parts)[start:start+numel]`` without concatenating everything."""
+    pieces, pos = [], 0
+    for p in parts:
+        n = p.numel()
+        lo, hi = max(start, pos), min(start + numel, pos + n)
+        if lo < hi:
+            pieces.append(p[lo - pos : hi - pos])
+        pos += n
+    if sum(x.numel() for x in pieces) != numel:
+        raise CheckpointError("optimizer state is shorter than the parameters (truncated?)")
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+class DSWriter:
+    """Write side: DeepSpeed-loadable files for a target TP/PP/DP, one layer group at a time.
+
+    PP > 1 layer files are written as each group arrives. PP = 1 keeps each TP rank's module
+    until ``finish`` (DeepSpeed stores it as one file per TP rank). With optimizer state, each
+    target stage's flat ZeRO groups are assembled at ``finish``.
+    """
+
+    def __init__(self, out_dir: Path, cfg: ModelConfig, tp: int, pp: int, dp: int = 1):
+        self.dir, self.cfg, self.tp, self.pp, self.dp = out_dir, cfg, tp, pp, dp
+        self.bounds = stage_bounds(cfg, pp)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.modules: list[dict[str, Tensor]] = [{} for _ in range(tp)]
+        self.opt: dict[tuple[int, str], dict[str, Tensor]] = {}  # (tp_rank, name) -> states
+
+    def write_group(self, group: str, full: dict[str, Tensor], opt=None) -> None:
+        for r in range(self.tp):
+            shard = rules.shard_dict(full, self.cfg, self.tp, r)
+            if self.pp == 1:
+                self.modules[r].update(shard)
+            else:
+                local = {rules.to_local(k): v for k, v in shard.items()}
+                idx = rules.pipe_index(group, self.cfg)
+                torch.save(local, layer_file(self.dir, idx, r))
+            if opt is not None:
+                for n in full:
+                    self.opt[(r, n)] = {
+                        k: rules.shard_tensor(n, opt[k][n], self.cfg, self.tp, r) for k in OPT_KEYS
+                    }
+
+    def finish(self, engine_state: dict[str, Any], common: dict[str, Any] | None) -> None:
+        from deepspeed import __version__ as ds_version
+
+        for s in range(self.pp):
+            order = stage_param_order(self.cfg, self.pp, s, self.bounds)
+            groups = zero_groups(self.cfg, order)
+            for r in range(self.tp):
+                mp = s * self.tp + r
+                shapes = [
+                    OrderedDict(
+                        (
+                            engine_name(n, self.cfg, self.pp),
+                            torch.Size(_shard_shape(n, self.cfg, self.tp)),
+                        )
+                        for n in g
+                    )
+                    for g in groups
+                ]
+                state = {
+                    "module": self.modules[r] if self.pp == 1 else None,
+                    "buffer_names": [],
+                    "optimizer": None,
+                    "param_shapes": shapes,
+                    "frozen_param_shapes": None,
+                    "shared_params": {},
+                    "frozen_param_fragments": None,
+                    "lr_scheduler": None,
+                    "data_sampler": None,
+                    "random_ltd": None,
+                    "skipped_steps": engine_state.get("skipped_steps") or 0,
+                    "global_steps": engine_state.get("global_steps") or 0,
+                    "global_samples": engine_state.get("global_samples") or 0,
+                    "dp_world_size": self.dp,
+                    "mp_world_size": self.tp * self.pp,
+                    "checkpoint_parallel_dimensions": {"pp_degree": self.pp, "tp_degree": self.tp},
+                    "ds_config": engine_state.get("ds_config"),
+                    "ds_version": ds_version,
+                }
+                torch.save(state, model_file(self.dir, mp))
+                if common is not None:
+                    self._write_optimizer(s, r, groups, common)
+        self.modules = [{} for _ in range(self.tp)]
+
+    def _write_optimizer(self, stage: int, r: int, groups: list[list[str]], common) -> None:
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        mp = stage * self.tp + r
+        align = 2 * self.dp  # DeepSpeed's nccl_start_alignment_factor x DP
+        per_group = []
+        for g in groups:
+            flats = {k: torch.cat([self.opt[(r, n)][k].reshape(-1) for n in g]) for k in OPT_KEYS}
+            total = flats["master"].numel()
+            padded = -(-total // align) * align
+            part = padded // self.dp
+            flats = {
+                k: torch.cat([v, v.new_zeros(padded - total)]) if padded > total else v
+                for k, v in flats.items()
+            }
+            per_group.append((g, flats, total, part))
+        for d in range(self.dp):
+            masters, states, paddings, mappings = [], {}, [], []
+            for gi, (g, flats, total, part) in enumerate(per_group):
+                lo, hi = d * part, (d + 1) * part
+                pad = max(0, hi - max(lo, total))
+                masters.append(flats["master"][lo : hi - pad].clone())
+                states[gi] = {
+                    "step": common["step"][gi].clone(),
+                    "exp_avg": flats["exp_avg"][lo:hi].clone(),
+                    "exp_avg_sq": flats["exp_avg_sq"][lo:hi].clone(),
+                }
+                paddings.append(pad)
+                m, off = OrderedDict(), 0
+                for n in g:
+                    numel = self.opt[(r, n)]["master"].numel()
+                    a, b = max(off, lo), min(off + numel, hi)
+                    if a < b:
+                        m[engine_name(n, self.cfg, self.pp)] = fragment_address(
+                            numel=b - a, start=a - lo
+                        )
+                    off += numel
+                mappings.append(m)
+            osd = {
+                "loss_scaler": common["loss_scaler"],
+                "dynamic_loss_scale": common["dynamic_loss_scale"],
+                "overflow": common["overflow"],
+                "clip_grad": common["clip_grad"],
+                "base_optimizer_state": {
+                    "state": states,
+                    "param_groups": [dict(pg) for pg in common["param_groups"]],
+                },
+                "single_partition_of_fp32_groups": masters,
+                "zero_stage": common["zero_stage"],
+                "group_paddings": paddings,
+                "param_alignment_paddings": [[0] * len(g) for g, *_ in per_group],
+                "partition_count": [self.dp] * len(per_group),
+                "ds_version": common["ds_version"],
+                "param_slice_mappings": mappings,
+            }
+            torch.save(
+                {
+                    "optimizer_state_dict": osd,
+                    "ds_config": common["ds_config"],
+                    "ds_version": common["ds_version"],
+                },
+                optim_file(self.dir, d, mp),
+            )
+
+
+def _shard_shape(name: str, cfg: ModelConfig, tp: int) -> tuple[int, ...]:
+    shape = list(rules.full_shape(name, cfg))
+    kind = rules.tp_kind(name)
+    if kind == "vocab":
+        shape[0] = cfg.padded_vocab_size(tp)
+    split = rules.SPLIT_DIMS[kind]
+    if split is not None:
+        dim = split[0] if split[0] < len(shape) else 0
+        shape[dim] //= tp
+    return tuple(shape)

@@ -1,0 +1,356 @@
+"""Hugging Face GPT-2 (``GPT2LMHeadModel``) <-> ``GPTModel`` names, config, files.
+
+Conv1D weights in Hugging Face are stored (in, out): the transpose of ``nn.Linear``'s (out, in).
+The fused ``c_attn`` output is [q | k | v], exactly our global QKV layout, so it maps by a
+transpose only. ``lm_head.weight`` is tied to ``transformer.wte.weight`` and never stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mtnlg.checkpoint.rules import CheckpointError
+from mtnlg.config import ModelConfig
+
+# (HF regex, GPTModel template, transpose?)
+HF_RULES: list[tuple[str, str, bool]] = [
+    (r"transformer\.wte\.weight", "embedding.word_embeddings.weight", False),
+    (r"transformer\.wpe\.weight", "embedding.position_embeddings.weight", False),
+    (r"transformer\.h\.(\d+)\.ln_1\.(weight|bias)", "layers.{0}.ln_1.{1}", False),
+    (r"transformer\.h\.(\d+)\.attn\.c_attn\.weight", "layers.{0}.attention.qkv.weight", True),
+    (r"transformer\.h\.(\d+)\.attn\.c_attn\.bias", "layers.{0}.attention.qkv.bias", False),
+    (r"transformer\.h\.(\d+)\.attn\.c_proj\.weight", "layers.{0}.attention.dense.weight", True),
+    (r"transformer\.h\.(\d+)\.attn\.c_proj\.bias", "layers.{0}.attention.dense.bias", False),
+    (r"transformer\.h\.(\d+)\.ln_2\.(weight|bias)", "layers.{0}.ln_2.{1}", False),
+    (r"transformer\.h\.(\d+)\.mlp\.c_fc\.weight", "layers.{0}.mlp.up.weight", True),
+    (r"transformer\.h\.(\d+)\.mlp\.c_fc\.bias", "layers.{0}.mlp.up.bias", False),
+    (r"transformer\.h\.(\d+)\.mlp\.c_proj\.weight", "layers.{0}.mlp.down.weight", True),
+    (r"transformer\.h\.(\d+)\.mlp\.c_proj\.bias", "layers.{0}.mlp.down.bias", False),
+    (r"transformer\.ln_f\.(weight|bias)", "final_norm.{0}", False),
+]
+_HF_COMPILED = [(re.compile(f"^{p}$"), t, tr) for p, t, tr in HF_RULES]
+# Buffers some GPT-2 files carry; not parameters.
+HF_IGNORED = re.compile(r"^(transformer\.h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight)$")
+
+
+def hf_to_ours_name(hf_name: str) -> tuple[str, bool] | None:
+    """(GPTModel name, transpose?) for an HF key; None for ignored buffers/tied head."""
+    name = hf_name[len("model.") :] if hf_name.startswith("model.") else hf_name
+    if not name.startswith(("transformer.", "lm_head.")):
+        name = "transformer." + name  # a bare GPT2Model checkpoint
+    for pat, template, transpose in _HF_COMPILED:
+        m = pat.match(name)
+        if m:
+            return template.format(*m.groups()), transpose
+    if HF_IGNORED.match(name):
+        return None
+    raise CheckpointError(f"unknown Hugging Face key {hf_name!r} (not a GPT-2 parameter)")
+
+
+def ours_to_hf_name(name: str) -> tuple[str, bool]:
+    """(HF name, transpose?) for a GPTModel name."""
+    for pat, template, transpose in HF_RULES_REVERSED:
+        m = pat.match(name)
+        if m:
+            return template.format(*m.groups()), transpose
+    raise CheckpointError(f"no Hugging Face name for {name!r}")
+
+
+def _reverse(p: str, t: str) -> tuple[re.Pattern, str]:
+    groups = iter(range(10))
+    pat = re.sub(r"\\\{\d\\\}|\{\d\}", lambda _: r"(\d+|weight|bias)", re.escape(t))
+    template = re.sub(r"\((?:\\d\+|weight\|bias)\)", lambda _: "{" + str(next(groups)) + "}", p)
+    return re.compile(f"^{pat}$"), template.replace("\\.", ".")
+
+
+HF_RULES_REVERSED = [(*_reverse(p, t), tr) for p, t, tr in HF_RULES]
+
+
+def to_hf_tensor(name: str, t: Tensor) -> tuple[str, Tensor]:
+    hf_name, transpose = ours_to_hf_name(name)
+    return hf_name, (t.t() if transpose else t).contiguous()
+
+
+def from_hf_tensor(hf_name: str, t: Tensor) -> tuple[str, Tensor] | None:
+    mapped = hf_to_ours_name(hf_name)
+    if mapped is None:
+        return None
+    name, transpose = mapped
+    return name, (t.t() if transpose else t).contiguous()
+
+
+# ---- config -----------------------------------------------------------------------------------
+
+_UNSUPPORTED = {  # HF GPT-2 options whose non-default value our model does not compute
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "add_cross_attention": False,
+}
+
+
+def config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> ModelConfig:
+    """ModelConfig from an HF ``config.json`` dict; other architectures are refused."""
+    if hf.get("model_type") != "gpt2":
+        raise CheckpointError(
+            f"unsupported Hugging Face architecture model_type={hf.get('model_type')!r} "
+            f"({hf.get('architectures')}): only GPT-2 (GPT2LMHeadModel) converts"
+        )
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise CheckpointError(f"activation_function={act!r}: only the tanh GeLU is supported")
+    for key, default in _UNSUPPORTED.items():
+        if hf.get(key, default) != default:
+            raise CheckpointError(f"Hugging Face config {key}={hf[key]!r} is not supported")
+    if hf.get("tie_word_embeddings", True) is False:
+        raise CheckpointError("tie_word_embeddings=false: mtnlg ties the output layer")
+    n_pos = hf.get("n_positions", 1024)
+    return ModelConfig(
+        num_layers=hf["n_layer"],
+        hidden_size=hf["n_embd"],
+        num_attention_heads=hf["n_head"],
+        seq_length=n_pos,
+        max_position_embeddings=n_pos,
+        vocab_size=hf["vocab_size"],
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        ffn_hidden_size=hf.get("n_inner") or 4 * hf["n_embd"],
+        hidden_dropout=hf.get("resid_pdrop", 0.1),
+        attention_dropout=hf.get("attn_pdrop", 0.1),
+        init_method_std=hf.get("initializer_range", 0.02),
+        layernorm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+    )
+
+
+def hf_config_dict(cfg: ModelConfig, eod: int | None, dtype: torch.dtype) -> dict:
+    """A complete GPT-2 ``config.json`` (through ``transformers.GPT2Config``)."""
+    from transformers import GPT2Config
+
+    eos = eod if eod is not None else cfg.vocab_size - 1
+    conf = GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.max_position_embeddings,
+        n_embd=cfg.hidden_size,
+        n_layer=cfg.num_layers,
+        n_head=cfg.num_attention_heads,
+        n_inner=cfg.ffn_hidden_size,
+        activation_function="gelu_new",
+        resid_pdrop=cfg.hidden_dropout,
+        embd_pdrop=cfg.hidden_dropout,
+        attn_pdrop=cfg.attention_dropout,
+        layer_norm_epsilon=cfg.layernorm_epsilon,
+        initializer_range=cfg.init_method_std,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        tie_word_embeddings=True,
+        architectures=["GPT2LMHeadModel"],
+    )
+    d = conf.to_dict()
+    d["torch_dtype"] = str(dtype).removeprefix("torch.")
+    d["dtype"] = d["torch_dtype"]
+    return d
+
+
+# ---- files ------------------------------------------------------------------------------------
+
+SAFE_INDEX = "model.safetensors.index.json"
+
+
+class HFReader:
+    """Lazy tensor access to a GPT-2 folder (``model.safetensors`` or a sharded index)."""
+
+    def __init__(self, folder: str | Path):
+
+        self.folder = Path(folder)
+        cfg_path = self.folder / "config.json"
+        if not cfg_path.is_file():
+            raise CheckpointError(f"{self.folder}: no config.json (not a Hugging Face model?)")
+        self.config = json.loads(cfg_path.read_text())
+        index = self.folder / SAFE_INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.folder / "model.safetensors").is_file():
+            weight_map = None
+        else:
+            raise CheckpointError(
+                f"{self.folder}: no model.safetensors or {SAFE_INDEX} (only safetensors load)"
+            )
+        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        self._headers = {}
+        for f in files:
+            self._headers[f] = _read_header(self.folder / f)
+        self.weight_map = {}
+        for f, header in self._headers.items():
+            for k in header:
+                if weight_map is not None and weight_map.get(k) != f:
+                    continue
+                self.weight_map[k] = f
+        self._ours: dict[str, tuple[str, bool]] = {}
+        for k in self.weight_map:
+            mapped = hf_to_ours_name(k)
+            if mapped is not None:
+                self._ours[mapped[0]] = (k, mapped[1])
+        self.has_lm_head = any(k.endswith("lm_head.weight") for k in self.weight_map)
+
+    def names(self) -> list[str]:
+        return list(self._ours)
+
+    def get(self, name: str) -> Tensor:
+        """One GPTModel-named tensor in fp32 (read from disk now)."""
+        if name not in self._ours:
+            raise CheckpointError(f"{self.folder}: missing tensor for {name!r}")
+        hf_name, transpose = self._ours[name]
+        t = self._read(hf_name).float()
+        return (t.t() if transpose else t).contiguous()
+
+    def _read(self, hf_name: str) -> Tensor:
+        """One tensor by plain reads (no mmap: only this tensor's bytes enter memory)."""
+        f = self.weight_map[hf_name]
+        info = self._headers[f][hf_name]
+        start, end = info["data_offsets"]
+        with open(self.folder / f, "rb") as fh:
+            fh.seek(info["base"] + start)
+            buf = bytearray(fh.read(end - start))
+        if len(buf) != end - start:
+            raise CheckpointError(f"{self.folder / f}: truncated at {hf_name}")
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{hf_name}: unsupported safetensors dtype {info['dtype']}")
+        if not buf:
+            return torch.empty(info["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+
+    def check_tied_head(self) -> None:
+        if not self.has_lm_head:
+            return
+        key = next(k for k in self.weight_map if k.endswith("lm_head.weight"))
+        head = self._read(key).float()
+        if not torch.equal(head, self.get("embedding.word_embeddings.weight")):
+            raise CheckpointError("lm_head.weight differs from transformer.wte.weight (untied)")
+
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+
+
+def _read_header(path: Path) -> dict:
+    """A safetensors header {name: {dtype, shape, data_offsets, base}}, checked for truncation."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: listed in the index but missing")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header length beyond the file")
+            header = json.loads(fh.read(n))
+    except (ValueError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({e}); truncated?"
+        ) from None
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated ({size} bytes, header needs {8 + n + end})")
+    for v in header.values():
+        v["base"] = 8 + n
+    return header
+
+
+class HFShardWriter:
+    """Writes HF tensors into safetensors shards of at most ``max_shard_bytes`` each, streaming."""
+
+    def __init__(self, out: Path, max_shard_bytes: int):
+        self.out, self.max = out, max_shard_bytes
+        self.buf: dict[str, Tensor] = {}
+        self.buf_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total = 0
+
+    def add(self, name: str, t: Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.buf and self.buf_bytes + nbytes > self.max:
+            self.flush()
+        self.buf[name] = t
+        self.buf_bytes += nbytes
+        self.total += nbytes
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.buf:
+            return
+        i = len(self.shards)
+        save_file(self.buf, str(self.out / f"shard-{i:05d}.tmp"), metadata={"format": "pt"})
+        self.shards.append(list(self.buf))
+        self.buf, self.buf_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        self.flush()
+        n = len(self.shards)
+        if n == 1:
+            os.replace(self.out / "shard-00000.tmp", self.out / "model.safetensors")
+            return ["model.safetensors"]
+        weight_map, files = {}, []
+        for i, names in enumerate(self.shards):
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.out / f"shard-{i:05d}.tmp", self.out / fname)
+            files.append(fname)
+            weight_map.update({k: fname for k in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.out / SAFE_INDEX).write_text(json.dumps(index, indent=2))
+        return files
+
+
+def write_hf_tokenizer(tokenizer, out: Path, cfg: ModelConfig) -> None:
+    """Tokenizer files AutoTokenizer loads offline (GPT-2 BPE or any tokenizer.json)."""
+    if tokenizer is None:
+        return
+    tokenizer.save(out)
+    (out / "mtnlg_tokenizer.json").unlink(missing_ok=True)
+    eos = "<|endoftext|>"
+    try:
+        eos = tokenizer.detokenize([tokenizer.eod])
+    except Exception:  # noqa: BLE001 - keep the GPT-2 default
+        pass
+    tok_cfg = {
+        "tokenizer_class": "GPT2Tokenizer" if (out / "vocab.json").is_file() else None,
+        "model_max_length": cfg.max_position_embeddings,
+        "bos_token": eos,
+        "eos_token": eos,
+        "unk_token": eos,
+        "add_prefix_space": False,
+    }
+    tok_cfg = {k: v for k, v in tok_cfg.items() if v is not None}
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+    special = {"bos_token": eos, "eos_token": eos, "unk_token": eos}
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+
+
+def read_hf_tokenizer(folder: Path):
+    """Our Tokenizer for an HF folder (GPT-2 BPE files, else tokenizer.json), or None."""
+    from mtnlg.data.tokenizer import GPT2BPETokenizer, HFTokenizer
+
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return GPT2BPETokenizer(folder / "vocab.json", folder / "merges.txt")
+    if (folder / "tokenizer.json").is_file():
+        return HFTokenizer(folder)
+    return None
+
+
+def iter_hf(full: dict[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
+    for name, t in full.items():
+        yield to_hf_tensor(name, t)
+
+
+Caster = Callable[[Tensor], Tensor]
