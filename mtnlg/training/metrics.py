@@ -147,7 +147,7 @@ _LINE_FIELDS = (
     ("val_loss", "val loss", "{:.3E}"),
     ("val_ppl", "val ppl", "{:.3E}"),
     ("tokens_per_sec", "tokens/s", "{:.0f}"),
-    ("tflops_per_gpu", "TFLOP/s/GPU", "{:.3g}"),
+    ("tflops_per_gpu", "TFLOP/s/GPU", "{:.4g}"),
 )
 
 
