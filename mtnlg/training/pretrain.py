@@ -17,9 +17,9 @@ from mtnlg.distributed.topology import ParallelConfigError, ParallelDims, Topolo
 from mtnlg.training import checkpointing
 from mtnlg.training.arguments import build_parser, model_config_from_args
 from mtnlg.training.data import build_datasets, check_data_path
-from mtnlg.training.loop import LoopConfig, Progress, train
+from mtnlg.training.loop import Progress, train
 from mtnlg.training.metrics import MetricsLogger
-from mtnlg.training.schedules import BatchRampup, LRSchedule
+from mtnlg.training.runconfig import checkpoint_meta, dataset_samples, loop_config, schedules
 from mtnlg.training.setup import (
     batch_sizes,
     build_engine,
@@ -84,35 +84,15 @@ def _run(args: argparse.Namespace) -> Progress:
             vocab_size=model_cfg.padded_vocab_size(dims.tp),
         )
         batch = batch_sizes(args, dims)
-        ramp = BatchRampup.from_args(batch.final_global, args.rampup_batch_size)
-        ramp.check(batch.micro, dims.dp)
-        if args.train_iters is not None:
-            train_iters = args.train_iters
-        elif args.train_samples is not None:
-            train_iters = ramp.num_iterations_for_samples(args.train_samples)
-        else:
-            raise ValueError("give --train-iters or --train-samples")
-        tokens_mode = args.lr_warmup_tokens is not None or args.lr_decay_tokens is not None
-        schedule = LRSchedule(
-            lr=args.lr,
-            min_lr=args.min_lr,
-            decay_style=args.lr_decay_style,
-            warmup_iters=0 if tokens_mode else args.lr_warmup_iters,
-            decay_iters=None if tokens_mode else (args.lr_decay_iters or train_iters),
-            warmup_tokens=args.lr_warmup_tokens if tokens_mode else None,
-            decay_tokens=args.lr_decay_tokens if tokens_mode else None,
-        )
+        ramp, train_iters, schedule = schedules(args, batch, dims)
         ds_config = resolve_ds_config(args, dims, batch)
         check_data_path(args.data_path)
     except (ParallelConfigError, ValueError) as e:
         raise _user_error(e) from None
 
     seq = model_cfg.seq_length
-    eval_samples = args.eval_iters * batch.final_global if args.eval_interval else 0
     try:
-        datasets = build_datasets(
-            args, seq, (ramp.samples_after_iterations(train_iters), eval_samples, 0), args.seed
-        )
+        datasets = build_datasets(args, seq, dataset_samples(args, ramp, train_iters), args.seed)
     except ValueError as e:  # DataError: names the file
         raise _user_error(e) from None
     topo = Topology(dims)
@@ -135,33 +115,8 @@ def _run(args: argparse.Namespace) -> Progress:
                 f"({progress.consumed_samples} samples)",
                 flush=True,
             )
-    meta = {
-        "model": model_cfg.to_dict(),
-        "parallel": {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp},
-        "train": {
-            "seed": args.seed,
-            "micro_batch_size": batch.micro,
-            "global_batch_size": batch.final_global,
-            "zero_stage": ds_config["zero_optimization"]["stage"],
-            "bf16": bool(ds_config.get("bf16", {}).get("enabled")),
-            "fp16": bool(ds_config.get("fp16", {}).get("enabled")),
-            "lr_schedule": schedule.state_dict(),
-            "data_path": args.data_path,
-            "split": args.split,
-        },
-    }
-    loop = LoopConfig(
-        train_iters=train_iters,
-        micro_batch=batch.micro,
-        seq_length=seq,
-        log_interval=args.log_interval,
-        eval_interval=args.eval_interval,
-        eval_iters=args.eval_iters,
-        save=args.save,
-        save_interval=args.save_interval,
-        exit_interval=args.exit_interval,
-        progress_bar=not args.no_progress,
-    )
+    meta = checkpoint_meta(args, model_cfg, dims, batch, ds_config, schedule)
+    loop = loop_config(args, batch, seq, train_iters)
     logger = MetricsLogger(args.metrics_file, args.tensorboard_dir, enabled=topo.rank == 0)
     try:
         return train(

@@ -208,6 +208,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def configure_activation_checkpointing(topo: Topology, ds_config: dict) -> None:
+    """DeepSpeed's activation checkpointing, its saved activations partitioned over TP."""
+    import deepspeed
+
+    from mtnlg.distributed.topology import TensorParallelMPU
+
+    ac = ds_config.get("activation_checkpointing", {})
+    deepspeed.checkpointing.configure(
+        TensorParallelMPU(topo),
+        partition_activations=ac.get("partition_activations", topo.tp > 1),
+        contiguous_checkpointing=ac.get("contiguous_memory_optimization", False),
+        checkpoint_in_cpu=ac.get("cpu_checkpointing", False),
+    )
+
+
 def build_engine(
     cfg: ModelConfig,
     topo: Topology,
@@ -221,19 +236,12 @@ def build_engine(
     """The DeepSpeed engine: pipeline engine when PP > 1, else the plain engine (any ZeRO)."""
     import deepspeed
 
-    from mtnlg.distributed.topology import TensorParallelMPU
     from mtnlg.model import GPTModel
     from mtnlg.model.pipe import GPTPipe
     from mtnlg.tensor_parallel.random import model_parallel_seed
 
     if checkpoint_activations:
-        ac = ds_config.get("activation_checkpointing", {})
-        deepspeed.checkpointing.configure(
-            TensorParallelMPU(topo),
-            partition_activations=ac.get("partition_activations", topo.tp > 1),
-            contiguous_checkpointing=ac.get("contiguous_memory_optimization", False),
-            checkpoint_in_cpu=ac.get("cpu_checkpointing", False),
-        )
+        configure_activation_checkpointing(topo, ds_config)
     if topo.pp > 1:
         model = GPTPipe(
             cfg, topo, seed=seed, activation_checkpoint_interval=1 if checkpoint_activations else 0

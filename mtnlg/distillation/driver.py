@@ -1,0 +1,245 @@
+"""Distillation driver: flags -> teacher (frozen, TP-sharded) + student -> DeepSpeed -> loop.
+
+The student trains with the pretraining machinery unchanged (``mtnlg.training``: data,
+ramp-up, LR schedule, ZeRO 0-3, TP, DP, metrics, checkpoints with exact resume); only the
+model's training forward differs (``DistillStudent``). Pipeline parallelism is not supported:
+the student runs on DeepSpeed's plain engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mtnlg.distillation.student import DistillStudent, KDConfig
+from mtnlg.distillation.student_init import (
+    check_same_vocab,
+    init_from_teacher_layers,
+    parse_init_layers,
+    student_config,
+)
+from mtnlg.distillation.teacher import load_teacher
+from mtnlg.distributed.init import current_device, init_distributed, shutdown
+from mtnlg.distributed.topology import ParallelConfigError, ParallelDims, Topology
+from mtnlg.presets import preset_names
+from mtnlg.training import checkpointing
+from mtnlg.training.arguments import build_parser
+from mtnlg.training.data import build_datasets, check_data_path
+from mtnlg.training.loop import Progress, train
+from mtnlg.training.metrics import MetricsLogger
+from mtnlg.training.runconfig import checkpoint_meta, dataset_samples, loop_config, schedules
+from mtnlg.training.setup import (
+    batch_sizes,
+    configure_activation_checkpointing,
+    param_groups,
+    resolve_ds_config,
+)
+
+
+def add_distill_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = p.add_argument_group("distillation (model flags such as --seq-length apply to the student)")
+    g.add_argument("--teacher", required=True, help="mtnlg checkpoint dir or Hugging Face folder")
+    g.add_argument("--student-preset", choices=preset_names(), help="named student size")
+    g.add_argument("--student-num-layers", type=int, help="default: the teacher's")
+    g.add_argument("--student-hidden-size", type=int, help="default: the teacher's")
+    g.add_argument("--student-num-attention-heads", type=int, help="default: the teacher's")
+    g.add_argument("--student-ffn-hidden-size", type=int, help="default: 4 x hidden size")
+    g.add_argument("--student-init", default="random", choices=["random", "teacher-layers"])
+    g.add_argument(
+        "--student-init-layers",
+        help="teacher blocks copied into the student, e.g. 0,2,4 (default: evenly spaced)",
+    )
+    g.add_argument("--kd-temperature", type=float, default=1.0, help="T (loss scaled by T²)")
+    g.add_argument("--kd-alpha", type=float, default=0.5, help="alpha*KL + (1-alpha)*CE")
+    g.add_argument("--kd-loss", default="forward-kl", choices=["forward-kl", "reverse-kl"])
+    g.add_argument("--export-hf", help="after training, write the student as a HF folder here")
+    return p
+
+
+def build_distill_parser(description: str) -> argparse.ArgumentParser:
+    return add_distill_args(build_parser(description))
+
+
+def run(argv: list[str] | None = None, description: str = __doc__) -> Progress:
+    args = build_distill_parser(description).parse_args(argv)
+    init_distributed()
+    try:
+        return _run(args)
+    finally:
+        shutdown()
+
+
+def _check_flags(args) -> None:
+    if args.pipeline_model_parallel_size != 1:
+        raise ParallelConfigError(
+            f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}: distillation "
+            "runs the student on DeepSpeed's plain engine (PP=1); use TP, DP and ZeRO instead"
+        )
+    for flag in ("preset", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
+        if getattr(args, flag, None) is not None:
+            name = flag.replace("_", "-")
+            raise ValueError(f"--{name} is ambiguous in distillation: use --student-{name}")
+
+
+def _tokenizer(args, teacher):
+    from mtnlg.data.tokenizer import build_tokenizer
+
+    if args.vocab_file or args.tokenizer_model:
+        return build_tokenizer(
+            args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model
+        )
+    if teacher.tokenizer is None:
+        raise ValueError("the teacher ships no tokenizer: give --vocab-file/--merge-file")
+    return teacher.tokenizer
+
+
+def _dtype(ds_config: dict) -> torch.dtype:
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def _run(args: argparse.Namespace) -> Progress:
+    from mtnlg.config import ModelConfig
+
+    try:
+        _check_flags(args)
+        kd = KDConfig(args.kd_temperature, args.kd_alpha, args.kd_loss)
+        dims = ParallelDims(world_size=dist.get_world_size(), tp=args.tensor_model_parallel_size)
+        batch = batch_sizes(args, dims)
+        ramp, train_iters, schedule = schedules(args, batch, dims)
+        ds_config = resolve_ds_config(args, dims, batch)
+        check_data_path(args.data_path)
+    except (ParallelConfigError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+    topo = Topology(dims)
+    dtype = _dtype(ds_config)
+    teacher = load_teacher(args.teacher, topo.tp_group, topo.tp, topo.tp_rank, current_device())
+    teacher.model.to(dtype)
+    resumed = bool(args.load) and (Path(args.load) / "latest").is_file()
+    try:
+        if resumed:  # the student's shape and tokenizer come from its own checkpoint
+            from mtnlg.data.tokenizer import load_tokenizer
+
+            saved = checkpointing.read_meta(args.load)
+            model_cfg = ModelConfig.from_dict(saved["model"])
+            tok_dir = Path(args.load) / saved["tag"] / "tokenizer"
+            tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else _tokenizer(args, teacher)
+        else:
+            tokenizer = _tokenizer(args, teacher)
+            model_cfg = student_config(args, teacher.cfg)
+        check_same_vocab(model_cfg, teacher.cfg, tokenizer)
+        dims.validate_model(
+            num_layers=model_cfg.num_layers,
+            hidden_size=model_cfg.hidden_size,
+            num_attention_heads=model_cfg.num_attention_heads,
+            vocab_size=model_cfg.padded_vocab_size(dims.tp),
+        )
+        init_layers = None
+        if args.student_init == "teacher-layers" and not resumed:
+            init_layers = parse_init_layers(
+                args.student_init_layers, model_cfg.num_layers, teacher.cfg.num_layers
+            )
+    except (ParallelConfigError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+    samples = dataset_samples(args, ramp, train_iters)
+    try:
+        datasets = build_datasets(args, model_cfg.seq_length, samples, args.seed)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+    engine = build_student_engine(
+        model_cfg, topo, ds_config, kd, teacher.model, init_layers, args=args
+    )
+    progress = Progress()
+    if resumed:
+        p = checkpointing.load(engine, topo, args.load)["progress"]
+        progress = Progress(p["iteration"], p["consumed_samples"], p["consumed_tokens"])
+        if topo.rank == 0:
+            print(f"resumed from {args.load} at iteration {progress.iteration}", flush=True)
+    meta = checkpoint_meta(args, model_cfg, dims, batch, ds_config, schedule)
+    meta["distill"] = {
+        "teacher": str(args.teacher),
+        "teacher_model": teacher.cfg.to_dict(),
+        "kd_temperature": kd.temperature,
+        "kd_alpha": kd.alpha,
+        "kd_loss": kd.mode,
+        "student_init": args.student_init,
+        "student_init_layers": init_layers,
+    }
+    loop = loop_config(args, batch, model_cfg.seq_length, train_iters)
+    logger = MetricsLogger(args.metrics_file, args.tensorboard_dir, enabled=topo.rank == 0)
+    try:
+        progress = train(
+            engine, topo, model_cfg, datasets, loop, schedule, ramp, progress, meta,
+            tokenizer=tokenizer, logger=logger,
+        )  # fmt: skip
+    finally:
+        logger.close()
+    if args.export_hf and progress.iteration >= train_iters:
+        export_student(engine, topo, model_cfg, tokenizer, args.export_hf)
+    return progress
+
+
+def build_student_engine(cfg, topo, ds_config, kd, teacher, init_layers, *, args):
+    """``setup.build_engine`` for PP=1 with the distillation student (teacher attached)."""
+    import deepspeed
+
+    from mtnlg.tensor_parallel.random import model_parallel_seed
+
+    if args.checkpoint_activations:
+        configure_activation_checkpointing(topo, ds_config)
+    model = DistillStudent(cfg, tp_group=topo.tp_group, seed=args.seed, kd=kd)
+    if init_layers is not None:
+        init_from_teacher_layers(model, teacher, init_layers)
+    model.attach_teacher(teacher)
+    if args.checkpoint_activations:
+        model.checkpoint_fn = deepspeed.checkpointing.checkpoint
+    model_parallel_seed(args.seed, tp_rank=topo.tp_rank, pp_rank=0)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, args.weight_decay),
+        config=ds_config,
+        mpu=topo,
+    )
+    return engine
+
+
+def gather_student_state(engine, topo, cfg) -> dict[str, torch.Tensor]:
+    """The student's full TP=1 fp32 state on every rank (ZeRO-3 parameters gathered first)."""
+    import contextlib
+
+    import deepspeed
+
+    from mtnlg.checkpoint import merge_state
+
+    module = engine.module
+    zero3 = engine.zero_optimization_stage() == 3
+    params = list(module.parameters())
+    ctx = deepspeed.zero.GatheredParameters(params) if zero3 else contextlib.nullcontext()
+    with ctx:
+        local = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    shards: list = [None] * topo.tp
+    if topo.tp > 1:
+        dist.all_gather_object(shards, local, group=topo.tp_group)
+    else:
+        shards = [local]
+    return merge_state(shards, cfg)
+
+
+def export_student(engine, topo, cfg, tokenizer, out_dir: str) -> None:
+    """Write the student as a Hugging Face GPT-2 folder through the converter (rank 0)."""
+    from mtnlg.checkpoint import export_hf
+
+    full = gather_student_state(engine, topo, cfg)
+    if topo.rank == 0:
+        export_hf(cfg, full, tokenizer, out_dir)
+        print(f"exported the student to {out_dir} (Hugging Face GPT-2)", flush=True)
+    dist.barrier()
