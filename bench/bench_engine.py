@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import sys
 import time
@@ -30,7 +32,7 @@ from bench.bench_model import batch_for, shape  # noqa: E402
 from bench.reference_gpt import ReferenceGPT  # noqa: E402
 
 
-def _ds_config(micro: int, gas: int, dp: int = 1) -> dict:
+def _ds_config(micro: int, gas: int, dp: int = 1, zero: int = 1) -> dict:
     return {
         "train_batch_size": micro * gas * dp,
         "train_micro_batch_size_per_gpu": micro,
@@ -64,7 +66,7 @@ def _step_worker(rank, world_size, d):
     topo = Topology(ParallelDims(world_size=1))
     engine, *_ = deepspeed.initialize(
         model=GPTModel(cfg, seed=1),
-        config=_ds_config(args.batch, 1),
+        config=_ds_config(args.batch, 1, zero=args.zero),
         model_parameters=None,
         mpu=topo,
     )
@@ -119,7 +121,10 @@ def bench_step(args) -> None:
         cfg.padded_vocab_size(1),
         recompute=False,
     )
-    print(f"engine step {e * 1e3:.1f} ms, reference step {r * 1e3:.1f} ms, threads={args.threads}")
+    print(
+        f"engine step {e * 1e3:.1f} ms (ZeRO-{args.zero}), reference step {r * 1e3:.1f} ms, "
+        f"threads={args.threads}"
+    )
     print(f"| engine step / plain-PyTorch step | {e / r:.3f} |")
     print(
         f"| achieved {flops / e / 1e9:.1f} GFLOP/s / fp32 matmul peak {peak:.1f} GFLOP/s "
@@ -211,6 +216,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--zero", type=int, default=1, help="ZeRO stage of the engine (--mode step)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
     args = p.parse_args()

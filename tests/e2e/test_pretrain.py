@@ -113,6 +113,14 @@ def test_dp2_zero_stages_match_dp1(demo_prefix, reference, zero):
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("zero", [2, 3])
+def test_tp2_dp2_zero_2_and_3_match(demo_prefix, reference, zero):
+    """ZeRO-2/3 together with tensor parallelism (a combination GPT-NeoX refuses)."""
+    got = losses(base_args(demo_prefix, tp=2, extra=["--zero-stage", str(zero)]), 4)
+    assert got == pytest.approx(reference, rel=1e-4)
+
+
+@pytest.mark.timeout(600)
 def test_resume_is_exact_with_dropout(demo_prefix, tmp_path):
     """20 iterations straight == 10, save, resume, 10 more: bit for bit (CPU fp32)."""
     save = str(tmp_path / "ckpt")
