@@ -16,8 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
