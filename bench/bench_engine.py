@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_model import batch_for, shape  # noqa: E402
+from bench.bench_model import add_shape_args, batch_for, shape  # noqa: E402
 from bench.reference_gpt import ReferenceGPT  # noqa: E402
 
 
@@ -207,16 +207,8 @@ def bench_bubble(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--mode", choices=["step", "bubble"], default="step")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--zero", type=int, default=1, help="ZeRO stage of the engine (--mode step)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=10)
+    add_shape_args(p, warmup=2)
     args = p.parse_args()
     (bench_step if args.mode == "step" else bench_bubble)(args)
 

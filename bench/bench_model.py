@@ -121,9 +121,8 @@ def bench_tp(args) -> None:
     print(f"| TP=2 step / TP=1 step | {tp2 / tp1:.3f} |")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--mode", choices=["plain", "tp"], default="plain")
+def add_shape_args(p: argparse.ArgumentParser, warmup: int) -> None:
+    """The benchmark model shape and timing flags shared by the bench scripts."""
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
@@ -131,8 +130,14 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--iters", type=int, default=10)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--mode", choices=["plain", "tp"], default="plain")
+    add_shape_args(p, warmup=3)
     args = p.parse_args()
     (bench_plain if args.mode == "plain" else bench_tp)(args)
 

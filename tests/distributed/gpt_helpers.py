@@ -32,25 +32,18 @@ def batches(cfg: ModelConfig, n: int, micro_batch: int, seed: int = 0):
     return out
 
 
-def gather_param(p: torch.Tensor, group) -> torch.Tensor:
-    """Full tensor of a TP-sharded parameter (or grad) from its shards; replicated ones as is."""
+def gather_param(p: torch.Tensor, group, value: torch.Tensor | None = None) -> torch.Tensor:
+    """Full tensor of a TP-sharded parameter from its shards (or of ``value``, e.g. its grad,
+    sharded like it); replicated ones as is."""
     from mtnlg.tensor_parallel.layers import merge_partitions
 
+    value = (p if value is None else value).detach()
     if group is None or not getattr(p, "tensor_model_parallel", False):
-        return p.detach().clone()
-    ws = torch.distributed.get_world_size(group)
-    parts = [torch.empty_like(p) for _ in range(ws)]
-    torch.distributed.all_gather(parts, p.detach().contiguous(), group=group)
+        return value.clone()
+    parts = [torch.empty_like(value) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(parts, value.contiguous(), group=group)
     return merge_partitions(parts, dim=p.partition_dim, stride=getattr(p, "partition_stride", 1))
 
 
 def gather_grad(p: torch.nn.Parameter, group) -> torch.Tensor:
-    g = p.grad
-    if group is None or not getattr(p, "tensor_model_parallel", False):
-        return g.detach().clone()
-    ws = torch.distributed.get_world_size(group)
-    parts = [torch.empty_like(g) for _ in range(ws)]
-    torch.distributed.all_gather(parts, g.detach().contiguous(), group=group)
-    from mtnlg.tensor_parallel.layers import merge_partitions
-
-    return merge_partitions(parts, dim=p.partition_dim, stride=getattr(p, "partition_stride", 1))
+    return gather_param(p, group, p.grad)
