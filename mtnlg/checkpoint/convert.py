@@ -50,9 +50,11 @@ def mtnlg_to_hf(
     with atomic_output(output) as tmp:
         writer = HFShardWriter(tmp, max_shard_bytes)
         for group in rules.layer_groups(cfg):
-            for name, t in ckpt.full_group(group).items():
-                hf_name, t = to_hf_tensor(name, t)
+            full = ckpt.full_group(group)
+            for name in list(full):  # pop: each merged tensor is freed once converted
+                hf_name, t = to_hf_tensor(name, full.pop(name))
                 writer.add(hf_name, t.to(dtype).contiguous())
+                del t
         writer.close()
         eod = getattr(tokenizer, "eod", None)
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, eod, dtype), indent=2))

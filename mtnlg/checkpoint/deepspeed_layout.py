@@ -312,16 +312,25 @@ class DSWriter:
         self.opt: dict[tuple[int, str], dict[str, Tensor]] = {}  # (tp_rank, name) -> states
 
     def write_group(self, group: str, full: dict[str, Tensor], opt=None) -> None:
+        """Shard and write one layer group. Consumes ``full``: each full tensor is dropped as
+        soon as it is sharded, so the peak is the group's shards plus one full tensor."""
+        names = list(full)
+        shards: list[dict[str, Tensor]] = [{} for _ in range(self.tp)]
+        for n in names:
+            t = full.pop(n)
+            for r in range(self.tp):
+                shards[r][n] = rules.shard_tensor(n, t, self.cfg, self.tp, r)
+            del t
         for r in range(self.tp):
-            shard = rules.shard_dict(full, self.cfg, self.tp, r)
             if self.pp == 1:
-                self.modules[r].update(shard)
+                self.modules[r].update(shards[r])
             else:
-                local = {rules.to_local(k): v for k, v in shard.items()}
+                local = {rules.to_local(k): v for k, v in shards[r].items()}
                 idx = rules.pipe_index(group, self.cfg)
                 torch.save(local, layer_file(self.dir, idx, r))
+            shards[r] = {}
             if opt is not None:
-                for n in full:
+                for n in names:
                     self.opt[(r, n)] = {
                         k: rules.shard_tensor(n, opt[k][n], self.cfg, self.tp, r) for k in OPT_KEYS
                     }
