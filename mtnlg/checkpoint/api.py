@@ -69,15 +69,20 @@ def export_hf(
     """Write a ``GPT2LMHeadModel`` folder (config, safetensors, tokenizer) into ``out_dir``."""
     import json
 
-    from mtnlg.checkpoint.hf import HFShardWriter, hf_config_dict, to_hf_tensor, write_hf_tokenizer
+    from mtnlg.checkpoint.hf import (
+        HFShardWriter,
+        hf_config_dict,
+        hf_plan,
+        to_hf_tensor,
+        write_hf_tokenizer,
+    )
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    writer = HFShardWriter(out, max_shard_bytes)
+    writer = HFShardWriter(out, hf_plan(cfg), dtype, max_shard_bytes)
     for name in rules.expected_names(cfg):
         rules.check_full(name, full[name], cfg)
-        hf_name, t = to_hf_tensor(name, full[name])
-        writer.add(hf_name, t.to(dtype).contiguous())
+        writer.add(*to_hf_tensor(name, full[name]))
     writer.close()
     eod = getattr(tokenizer, "eod", None)
     (out / "config.json").write_text(json.dumps(hf_config_dict(cfg, eod, dtype), indent=2))

@@ -43,18 +43,22 @@ def atomic_output(output: str | Path):
 def mtnlg_to_hf(
     input: str, output: str, tag: str | None = None, dtype=torch.float32, max_shard_bytes=2**30
 ) -> ModelConfig:
-    from mtnlg.checkpoint.hf import HFShardWriter, hf_config_dict, to_hf_tensor, write_hf_tokenizer
+    from mtnlg.checkpoint.hf import (
+        HFShardWriter,
+        hf_config_dict,
+        hf_plan,
+        to_hf_tensor,
+        write_hf_tokenizer,
+    )
 
     ckpt = DSCheckpoint(input, tag)
     cfg, tokenizer = ckpt.cfg, ckpt.tokenizer()
     with atomic_output(output) as tmp:
-        writer = HFShardWriter(tmp, max_shard_bytes)
+        writer = HFShardWriter(tmp, hf_plan(cfg), dtype, max_shard_bytes)
         for group in rules.layer_groups(cfg):
-            full = ckpt.full_group(group)
-            for name in list(full):  # pop: each merged tensor is freed once converted
-                hf_name, t = to_hf_tensor(name, full.pop(name))
-                writer.add(hf_name, t.to(dtype).contiguous())
-                del t
+            for name, full in ckpt.iter_full_group(group):  # one merged tensor at a time
+                writer.add(*to_hf_tensor(name, full))
+                del full
         writer.close()
         eod = getattr(tokenizer, "eod", None)
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, eod, dtype), indent=2))

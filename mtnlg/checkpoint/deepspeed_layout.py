@@ -200,6 +200,20 @@ class DSCheckpoint:
     def _groups(self) -> set[str]:
         return set(rules.layer_groups(self.cfg))
 
+    def iter_full_group(self, group: str):
+        """Yield (name, full tensor) of one layer group, merging one tensor at a time and
+        dropping its shards first, so at most one merged tensor exists at once."""
+        shards = self.shards(group)
+        for name in rules.group_names(group, self.cfg):
+            parts = [s.pop(name) for s in shards]
+            full = rules.merge_tensor(name, parts, self.cfg)
+            del parts
+            rules.check_full(name, full, self.cfg)
+            yield name, full
+        extra = sorted({k for s in shards for k in s})
+        if extra:
+            raise CheckpointError(f"{self.dir}: unexpected tensors in group {group}: {extra[:4]}")
+
     def full_group(self, group: str) -> dict[str, Tensor]:
         """The full (TP=1, unpadded, fp32) tensors of one layer group, shapes checked."""
         full = rules.merge_dicts(self.shards(group), self.cfg)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -267,46 +266,102 @@ def _read_header(path: Path) -> dict:
     return header
 
 
-class HFShardWriter:
-    """Writes HF tensors into safetensors shards of at most ``max_shard_bytes`` each, streaming."""
+_SAFE_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
-    def __init__(self, out: Path, max_shard_bytes: int):
-        self.out, self.max = out, max_shard_bytes
-        self.buf: dict[str, Tensor] = {}
-        self.buf_bytes = 0
-        self.shards: list[list[str]] = []
-        self.total = 0
+
+def hf_plan(cfg: ModelConfig) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(our name, HF name, HF shape) of every stored tensor, in ``expected_names`` order."""
+    from mtnlg.checkpoint.rules import expected_names, full_shape
+
+    plan = []
+    for name in expected_names(cfg):
+        hf_name, transpose = ours_to_hf_name(name)
+        shape = full_shape(name, cfg)
+        plan.append((name, hf_name, tuple(reversed(shape)) if transpose else shape))
+    return plan
+
+
+class HFShardWriter:
+    """Safetensors shards written tensor by tensor, never a whole shard in memory.
+
+    The shard split and every header are computed up front from the planned names and shapes
+    (``hf_plan``); each tensor's bytes are then appended to its shard file as it arrives (in
+    plan order), so the writer holds nothing but the tensor it is given. Shards are written as
+    ``*.tmp`` and renamed by ``close``.
+    """
+
+    def __init__(
+        self,
+        out: Path,
+        plan: list[tuple[str, str, tuple[int, ...]]],
+        dtype: torch.dtype,
+        max_shard_bytes: int,
+    ):
+        if dtype not in _SAFE_DTYPES:
+            raise CheckpointError(f"--dtype {dtype} is not supported (fp32, bf16, fp16)")
+        self.out, self.dtype = out, dtype
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        self.shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+        size = 0
+        for _, hf_name, shape in plan:
+            nbytes = itemsize * int(torch.Size(shape).numel())
+            if self.shards[-1] and size + nbytes > max_shard_bytes:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append((hf_name, shape))
+            size += nbytes
+        self.total = sum(itemsize * int(torch.Size(sh).numel()) for _, _, sh in plan)
+        self.order = [(i, hf, sh) for i, shard in enumerate(self.shards) for hf, sh in shard]
+        self.pos, self.file, self.file_index = 0, None, -1
+
+    def _open(self, i: int) -> None:
+        if self.file is not None:
+            self.file.close()
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        for hf_name, shape in self.shards[i]:
+            n = itemsize * int(torch.Size(shape).numel())
+            header[hf_name] = {
+                "dtype": _SAFE_DTYPES[self.dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + n],
+            }
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self.file = open(self.out / f"shard-{i:05d}.tmp", "wb")
+        self.file.write(len(raw).to_bytes(8, "little") + raw)
+        self.file_index = i
 
     def add(self, name: str, t: Tensor) -> None:
-        nbytes = t.numel() * t.element_size()
-        if self.buf and self.buf_bytes + nbytes > self.max:
-            self.flush()
-        self.buf[name] = t
-        self.buf_bytes += nbytes
-        self.total += nbytes
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.buf:
-            return
-        i = len(self.shards)
-        save_file(self.buf, str(self.out / f"shard-{i:05d}.tmp"), metadata={"format": "pt"})
-        self.shards.append(list(self.buf))
-        self.buf, self.buf_bytes = {}, 0
+        if self.pos >= len(self.order):
+            raise CheckpointError(f"{name}: more tensors than the model config plans")
+        i, hf_name, shape = self.order[self.pos]
+        if name != hf_name or tuple(t.shape) != tuple(shape):
+            raise CheckpointError(
+                f"expected {hf_name} {tuple(shape)} next, got {name} {tuple(t.shape)}"
+            )
+        if i != self.file_index:
+            self._open(i)
+        t = t.detach().to("cpu", self.dtype).contiguous()
+        raw = t.view(torch.int16) if self.dtype != torch.float32 else t  # numpy has no bf16
+        self.file.write(memoryview(raw.numpy()).cast("B"))
+        self.pos += 1
 
     def close(self) -> list[str]:
-        self.flush()
+        if self.pos != len(self.order):
+            raise CheckpointError(f"only {self.pos} of {len(self.order)} tensors were written")
+        self.file.close()
         n = len(self.shards)
         if n == 1:
             os.replace(self.out / "shard-00000.tmp", self.out / "model.safetensors")
             return ["model.safetensors"]
         weight_map, files = {}, []
-        for i, names in enumerate(self.shards):
+        for i, shard in enumerate(self.shards):
             fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             os.replace(self.out / f"shard-{i:05d}.tmp", self.out / fname)
             files.append(fname)
-            weight_map.update({k: fname for k in names})
+            weight_map.update({hf: fname for hf, _ in shard})
         index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
         (self.out / SAFE_INDEX).write_text(json.dumps(index, indent=2))
         return files
@@ -346,11 +401,3 @@ def read_hf_tokenizer(folder: Path):
     if (folder / "tokenizer.json").is_file():
         return HFTokenizer(folder)
     return None
-
-
-def iter_hf(full: dict[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
-    for name, t in full.items():
-        yield to_hf_tensor(name, t)
-
-
-Caster = Callable[[Tensor], Tensor]
