@@ -11,6 +11,9 @@
 
     DS_ACCELERATOR=cpu .venv/bin/python bench/bench_engine.py --mode step
     DS_ACCELERATOR=cpu .venv/bin/python bench/bench_engine.py --mode bubble
+
+``BENCH_ZERO_EXTRA='{"overlap_comm": false}'`` merges extra keys into the engine's
+``zero_optimization`` section (to try DeepSpeed settings without editing the script).
 """
 
 from __future__ import annotations
