@@ -72,13 +72,7 @@ def _step_worker(rank, world_size, d):
         mpu=topo,
     )
     ids, labels = batch_for(cfg, args.batch)
-    ref = ReferenceGPT(
-        cfg.num_layers,
-        cfg.hidden_size,
-        cfg.num_attention_heads,
-        cfg.seq_length,
-        cfg.padded_vocab_size(1),
-    )
+    ref = ReferenceGPT.from_config(cfg)
     opt = torch.optim.AdamW(ref.parameters(), lr=1e-4)
 
     def engine_step():

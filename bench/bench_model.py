@@ -65,13 +65,7 @@ def bench_plain(args) -> None:
     torch.set_num_threads(args.threads)
     cfg = shape(args)
     ours = GPTModel(cfg, seed=1)
-    ref = ReferenceGPT(
-        cfg.num_layers,
-        cfg.hidden_size,
-        cfg.num_attention_heads,
-        cfg.seq_length,
-        cfg.padded_vocab_size(1),
-    )
+    ref = ReferenceGPT.from_config(cfg)
     batch = batch_for(cfg, args.batch)
     steps = {"mtnlg": step_timer(ours, batch), "reference": step_timer(ref, batch)}
     times = {k: [] for k in steps}

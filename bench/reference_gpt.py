@@ -35,6 +35,17 @@ class ReferenceGPT(nn.Module):
         self.blocks = nn.ModuleList(Block(h, nh) for _ in range(layers))
         self.ln_f = nn.LayerNorm(h)
 
+    @classmethod
+    def from_config(cls, cfg) -> ReferenceGPT:
+        """The same shape as ``GPTModel(cfg)`` at TP=1 (vocabulary padded the same way)."""
+        return cls(
+            cfg.num_layers,
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.seq_length,
+            cfg.padded_vocab_size(1),
+        )
+
     def forward(self, ids, labels):
         x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1]))
         for blk in self.blocks:

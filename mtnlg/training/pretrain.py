@@ -77,12 +77,6 @@ def _run(args: argparse.Namespace) -> Progress:
         )
         check_zero_with_pipeline(args)
         dims = ParallelDims(world_size=dist.get_world_size(), tp=tp, pp=pp)
-        dims.validate_model(
-            num_layers=model_cfg.num_layers,
-            hidden_size=model_cfg.hidden_size,
-            num_attention_heads=model_cfg.num_attention_heads,
-            vocab_size=model_cfg.padded_vocab_size(dims.tp),
-        )
         batch = batch_sizes(args, dims)
         ramp, train_iters, schedule = schedules(args, batch, dims)
         ds_config = resolve_ds_config(args, dims, batch)
