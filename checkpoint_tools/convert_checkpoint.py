@@ -1,10 +1,17 @@
 """Convert mtnlg checkpoints: to/from Hugging Face GPT-2, and between TP/PP layouts.
 
     convert_checkpoint.py mtnlg-to-hf --input CKPT [--tag T] --output HF_DIR [--dtype bf16]
+                                      [--weights-only]
     convert_checkpoint.py hf-to-mtnlg --input HF_DIR --output CKPT --tp N --pp M
     convert_checkpoint.py reshard --input CKPT [--tag T] --output CKPT2 --tp N --pp M [--dp D]
 
-Add ``--verify`` to run both models on a few sequences and print the max logit difference.
+A Hugging Face folder holds weights only: ``mtnlg-to-hf`` of a checkpoint with optimizer state
+needs ``--weights-only``; ``reshard`` carries ZeRO-1/2 optimizer state (fp32 and bf16 formats).
+
+Add ``--verify`` to compare the output with its input afterwards: every tensor, and the logits of
+a few random sequences (through ``transformers`` for the Hugging Face side). Exit status: 0 on
+success, 1 when a difference exceeds ``--verify-tolerance`` (the output is left in place for
+inspection), 2 for a checkpoint that cannot be converted.
 """
 
 from __future__ import annotations
@@ -20,6 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+def _tolerance(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -27,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name)
         s.add_argument("--input", required=True)
         s.add_argument("--output", required=True)
-        s.add_argument("--verify", action="store_true", help="compare logits after converting")
+        s.add_argument("--verify", action="store_true", help="compare with the input afterwards")
+        s.add_argument(
+            "--verify-tolerance",
+            type=_tolerance,
+            help="largest |tensor or logit difference| --verify accepts (default: 1e-3)",
+        )
         if name != "hf-to-mtnlg":
             s.add_argument("--tag", help="checkpoint tag (default: the 'latest' one)")
         if name != "mtnlg-to-hf":
@@ -39,23 +58,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.choices["hf-to-mtnlg"].add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     sub.choices["reshard"].add_argument("--dp", type=int, help="data-parallel size (default: same)")
-    sub.choices["reshard"].add_argument(
-        "--weights-only", action="store_true", help="drop the optimizer state"
-    )
+    for name in ("mtnlg-to-hf", "reshard"):
+        sub.choices[name].add_argument(
+            "--weights-only",
+            action="store_true",
+            help="write the weights only, dropping the optimizer state (refused without it "
+            "when the input has optimizer state that the output cannot carry)",
+        )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verify_tolerance is not None and not args.verify:
+        parser.error("--verify-tolerance needs --verify")
     import torch
 
     from mtnlg.checkpoint import CheckpointError
     from mtnlg.checkpoint import convert as c
+    from mtnlg.checkpoint.verify import DEFAULT_TOLERANCE, VerifyError, verify
 
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.command == "mtnlg-to-hf" else None
     try:
         if args.command == "mtnlg-to-hf":
-            dtype = getattr(torch, DTYPES[args.dtype])
-            c.mtnlg_to_hf(args.input, args.output, args.tag, dtype, args.max_shard_size)
+            c.mtnlg_to_hf(
+                args.input, args.output, args.tag, dtype, args.max_shard_size, args.weights_only
+            )
         elif args.command == "hf-to-mtnlg":
             c.hf_to_mtnlg(
                 args.input, args.output, args.tp, args.pp, args.make_vocab_size_divisible_by
@@ -66,8 +95,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(f"wrote {args.output}", flush=True)
         if args.verify:
-            diff = c.verify(args.command, args.input, args.output)
-            print(f"verify: max |logit difference| = {diff:.3e}", flush=True)
+            tol = DEFAULT_TOLERANCE if args.verify_tolerance is None else args.verify_tolerance
+            tag = getattr(args, "tag", None)
+            report = verify(args.command, args.input, args.output, tol, tag, dtype)
+            print(f"verify: {report} <= tolerance {tol:.1e}", flush=True)
+    except VerifyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,9 +41,33 @@ def atomic_output(output: str | Path):
         raise
 
 
+def drop_optimizer_state(ckpt: DSCheckpoint, weights_only: bool, why: str) -> None:
+    """Refuse to lose ``ckpt``'s optimizer state unless ``weights_only``; then say so loudly."""
+    held = (
+        f"optimizer state ({ckpt.optim_prefix}_pp_rank_* files: fp32 master weights + Adam moments)"
+        if ckpt.has_optimizer
+        else ckpt.uncarried_optimizer()
+    )
+    if held is None:
+        return
+    if not weights_only:
+        raise CheckpointError(
+            f"{ckpt.dir} holds {held}, which {why}; pass --weights-only to write the weights "
+            "without it (training would restart the optimizer)"
+        )
+    print(f"warning: --weights-only: dropping the {held} of {ckpt.dir}", file=sys.stderr)
+
+
 def mtnlg_to_hf(
-    input: str, output: str, tag: str | None = None, dtype=torch.float32, max_shard_bytes=2**30
+    input: str,
+    output: str,
+    tag: str | None = None,
+    dtype=torch.float32,
+    max_shard_bytes=2**30,
+    weights_only: bool = False,
 ) -> ModelConfig:
+    """Any TP/PP checkpoint -> GPT2LMHeadModel folder. A Hugging Face folder holds weights only:
+    a checkpoint with optimizer state needs ``weights_only=True`` (``--weights-only``)."""
     from mtnlg.checkpoint.hf import (
         HFShardWriter,
         hf_config_dict,
@@ -52,6 +77,7 @@ def mtnlg_to_hf(
     )
 
     ckpt = DSCheckpoint(input, tag)
+    drop_optimizer_state(ckpt, weights_only, "a Hugging Face folder cannot hold")
     cfg, tokenizer = ckpt.cfg, ckpt.tokenizer()
     with atomic_output(output) as tmp:
         writer = HFShardWriter(tmp, hf_plan(cfg), dtype, max_shard_bytes)
@@ -124,14 +150,19 @@ def reshard(
     tag: str | None = None,
     weights_only: bool = False,
 ) -> ModelConfig:
+    """Another (tp, pp, dp): weights, and ZeRO-1/2 optimizer state in either of DeepSpeed's
+    formats (fp32/fp16 ``zero_*``, bf16 ``bf16_zero_*`` incl. BF16_Optimizer). Optimizer state
+    that cannot be carried is refused unless ``weights_only`` (``--weights-only``)."""
     ckpt = DSCheckpoint(input, tag)
     cfg = ckpt.cfg
     _check_layout(cfg, tp, pp)
     dp = dp or ckpt.dp
     with_opt = ckpt.has_optimizer and not weights_only
+    if not with_opt:
+        drop_optimizer_state(ckpt, weights_only, "this reshard cannot carry")
     out_tag = ckpt.meta["tag"]
     with atomic_output(output) as tmp:
-        writer = DSWriter(tmp / out_tag, cfg, tp, pp, dp)
+        writer = DSWriter(tmp / out_tag, cfg, tp, pp, dp, dtype=ckpt.weights_dtype)
         for group in rules.layer_groups(cfg):
             full = ckpt.full_group(group)
             opt = ckpt.optimizer_group(group) if with_opt else None
@@ -158,42 +189,3 @@ def _check_layout(cfg: ModelConfig, tp: int, pp: int) -> None:
         raise CheckpointError(str(e)) from None
     if cfg.ffn_hidden_size % tp:
         raise CheckpointError(f"ffn_hidden_size {cfg.ffn_hidden_size} not divisible by TP {tp}")
-
-
-# ---- verification ----------------------------------------------------------------------------
-
-
-def _mtnlg_logits(cfg: ModelConfig, full: dict, ids: torch.Tensor) -> torch.Tensor:
-    from mtnlg.checkpoint.api import load_into_model
-    from mtnlg.model import GPTModel
-
-    model = GPTModel(cfg)
-    load_into_model(model, full, 1, 0)
-    model.eval()
-    return model.full_logits(ids)
-
-
-def _hf_logits(folder: str, ids: torch.Tensor) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    model.eval()
-    with torch.no_grad():
-        return model(ids).logits.float()
-
-
-def verify(kind: str, input: str, output: str, n: int = 4, seed: int = 0) -> float:
-    """Max |logit difference| between the source and converted models on random sequences."""
-    from mtnlg.checkpoint.api import load_full_state
-
-    src_is_hf = kind == "hf-to-mtnlg"
-    cfg, full, _ = load_full_state(output if src_is_hf else input)
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, cfg.vocab_size, (n, min(cfg.seq_length, 64)), generator=g)
-    ours = _mtnlg_logits(cfg, full, ids)
-    if kind == "reshard":
-        cfg2, full2, _ = load_full_state(output)
-        other = _mtnlg_logits(cfg2, full2, ids)
-    else:
-        other = _hf_logits(input if src_is_hf else output, ids)
-    return float((ours - other).abs().max())

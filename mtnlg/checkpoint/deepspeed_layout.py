@@ -8,6 +8,8 @@ Files of one tag (DeepSpeed's names; "mp rank" = pp_stage * tp + tp_rank)::
                                                (0 embedding, 1..L blocks, L+1 final norm)
     zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt   ZeRO-1/2: fp32 master + Adam moments
                                                of one DP partition of the stage's flat groups
+                                               (``bf16_zero_...`` in bf16 runs; formats in
+                                               ``zero_state.py``)
 
 ZeRO keeps, per stage and TP rank, two flat fp32 groups (weight decay: 2-D parameters; no
 decay: the rest), parameters concatenated in module order, padded to a multiple of 2 x DP and
@@ -27,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtnlg.checkpoint import rules
+from mtnlg.checkpoint import rules, zero_state
 from mtnlg.checkpoint.rules import CheckpointError
 from mtnlg.config import ModelConfig
 
@@ -106,8 +108,8 @@ def layer_file(d: Path, idx: int, tp_rank: int) -> Path:
     return d / f"layer_{idx:02d}-model_{tp_rank:02d}-model_states.pt"
 
 
-def optim_file(d: Path, dp_rank: int, mp: int) -> Path:
-    return d / f"zero_pp_rank_{dp_rank}_mp_rank_{mp:02d}_optim_states.pt"
+def optim_file(d: Path, dp_rank: int, mp: int, prefix: str = "zero") -> Path:
+    return d / zero_state.optim_name(prefix, dp_rank, mp)
 
 
 def resolve_dir(path: str | Path, tag: str | None = None) -> Path:
@@ -139,10 +141,33 @@ class DSCheckpoint:
         self.tp, self.pp, self.dp = par["tp"], par["pp"], par.get("dp", 1)
         self.bounds = stage_bounds(self.cfg, self.pp)
         self._check_files()
+        self.optim_prefix = zero_state.find_prefix(self.dir)
+        self._readers: dict[int, zero_state.FlatReader] = {}
 
     @property
     def has_optimizer(self) -> bool:
-        return not self.meta.get("weights_only") and optim_file(self.dir, 0, 0).is_file()
+        """Whether ZeRO-1/2 optimizer files (either format) are there to carry."""
+        return not self.meta.get("weights_only") and self.optim_prefix is not None
+
+    def uncarried_optimizer(self) -> str | None:
+        """A description of optimizer state that this module cannot carry, or None."""
+        if self.meta.get("weights_only") or self.has_optimizer:
+            return None
+        if safe_load(model_file(self.dir, 0)).get("optimizer") is not None:
+            return "optimizer state inside the model files (ZeRO stage 0)"
+        if any(self.dir.glob("*optim_states.pt")):
+            return "optimizer files in a layout other than ZeRO-1/2"
+        return None
+
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        """dtype of the saved weights (bf16 in bf16 runs)."""
+        if self.pp == 1:
+            module = safe_load(model_file(self.dir, 0)).get("module") or {}
+            tensors = list(module.values())
+        else:
+            tensors = list(safe_load(layer_file(self.dir, 1, 0)).values())
+        return tensors[0].dtype if tensors else torch.float32
 
     def _check_files(self) -> None:
         found = {p.name for p in self.dir.glob("*model_states.pt")}
@@ -224,16 +249,18 @@ class DSCheckpoint:
     # ---- optimizer state ------------------------------------------------------------------
 
     def optimizer_group(self, group: str) -> dict[str, dict[str, Tensor]]:
-        """Full fp32 master weights and Adam moments of ``group``: {kind: {name: tensor}}."""
+        """Full fp32 master weights and Adam moments of ``group``: {kind: {name: tensor}}.
+
+        Reads only the byte ranges of ``group``'s parameters (memory-mapped DP files)."""
         stage = stage_of(group, self.cfg, self.bounds)[0]
         order = stage_param_order(self.cfg, self.pp, stage, self.bounds)
-        names = rules.group_names(group, self.cfg)
+        names = set(rules.group_names(group, self.cfg))
         per_rank: dict[str, list[dict[str, Tensor]]] = {k: [] for k in OPT_KEYS}
         for r in range(self.tp):
             mp = stage * self.tp + r
-            parts = [safe_load(optim_file(self.dir, d, mp)) for d in range(self.dp)]
             shapes = safe_load(model_file(self.dir, mp))["param_shapes"]
-            got = {k: {} for k in OPT_KEYS}
+            reader = self._reader(mp)
+            got: dict[str, dict[str, Tensor]] = {k: {} for k in OPT_KEYS}
             for g, gnames in enumerate(zero_groups(self.cfg, order)):
                 eng = [engine_name(n, self.cfg, self.pp) for n in gnames]
                 if list(shapes[g]) != eng:
@@ -241,35 +268,37 @@ class DSCheckpoint:
                         f"{model_file(self.dir, mp)}: optimizer group {g} holds "
                         f"{list(shapes[g])[:3]}..., expected {eng[:3]}..."
                     )
-                flats = _flat_parts(parts, g)
-                off = 0
-                for n, e in zip(gnames, eng):
-                    shape = tuple(shapes[g][e])
-                    numel = int(torch.Size(shape).numel())
+                numels = [int(torch.Size(shapes[g][e]).numel()) for e in eng]
+                total, off = sum(numels), 0
+                for n, e, numel in zip(gnames, eng, numels):
                     if n in names:
+                        part = reader.read(g, total, off, numel)
                         for k in OPT_KEYS:
-                            got[k][n] = _slice(flats[k], off, numel).view(shape).clone()
+                            got[k][n] = part[k].view(tuple(shapes[g][e]))
                     off += numel
             for k in OPT_KEYS:
                 per_rank[k].append(got[k])
-        out = {k: rules.merge_dicts(per_rank[k], self.cfg) for k in OPT_KEYS}
-        return out
+        return {k: rules.merge_dicts(per_rank[k], self.cfg) for k in OPT_KEYS}
+
+    def _reader(self, mp: int) -> zero_state.FlatReader:
+        """One reader per mp rank, kept: each DP file's pickle is parsed once per conversion."""
+        if mp not in self._readers:
+
+            def load(d: int) -> dict:
+                path = optim_file(self.dir, d, mp, self.optim_prefix)
+                return safe_load(path)["optimizer_state_dict"]
+
+            self._readers[mp] = zero_state.FlatReader(load, self.dp, str(self.dir))
+        return self._readers[mp]
 
     def optimizer_common(self) -> dict[str, Any]:
-        """The scalar/small parts of rank 0's optimizer file (step, hyper-parameters, scaler)."""
-        sd = safe_load(optim_file(self.dir, 0, 0))
-        osd = sd["optimizer_state_dict"]
-        base = osd["base_optimizer_state"]
+        """Rank 0's optimizer file less its partitioned tensors (step, hyper-parameters, loss
+        scaler, format), plus the file prefix and top-level entries."""
+        sd = safe_load(optim_file(self.dir, 0, 0, self.optim_prefix))
         return {
-            "loss_scaler": osd["loss_scaler"],
-            "dynamic_loss_scale": osd["dynamic_loss_scale"],
-            "overflow": osd["overflow"],
-            "clip_grad": osd["clip_grad"],
-            "zero_stage": osd["zero_stage"],
-            "ds_version": osd["ds_version"],
-            "param_groups": base["param_groups"],
-            "step": {g: base["state"][g]["step"].clone() for g in base["state"]},
-            "ds_config": sd.get("ds_config"),
+            "prefix": self.optim_prefix,
+            "template": zero_state.template(sd["optimizer_state_dict"]),
+            "top": {k: v for k, v in sd.items() if k != "optimizer_state_dict"},
         }
 
     def engine_state(self) -> dict[str, Any]:
@@ -281,35 +310,6 @@ class DSCheckpoint:
 OPT_KEYS = ("master", "exp_avg", "exp_avg_sq")
 
 
-def _flat_parts(parts: list[dict], g: int) -> dict[str, list[Tensor]]:
-    """Per DP rank, group ``g``'s flat master/moments (moments trimmed to the master's length)."""
-    out: dict[str, list[Tensor]] = {k: [] for k in OPT_KEYS}
-    for sd in parts:
-        osd = sd["optimizer_state_dict"]
-        if any(any(p) for p in osd.get("param_alignment_paddings", [[]])):
-            raise CheckpointError("ZeRO parameter_alignment padding is not supported")
-        master = osd["single_partition_of_fp32_groups"][g]
-        state = osd["base_optimizer_state"]["state"][g]
-        out["master"].append(master)
-        out["exp_avg"].append(state["exp_avg"][: master.numel()])
-        out["exp_avg_sq"].append(state["exp_avg_sq"][: master.numel()])
-    return out
-
-
-def _slice(parts: list[Tensor], start: int, numel: int) -> Tensor:
-    """``cat(parts)[start:start+numel]`` without concatenating everything."""
-    pieces, pos = [], 0
-    for p in parts:
-        n = p.numel()
-        lo, hi = max(start, pos), min(start + numel, pos + n)
-        if lo < hi:
-            pieces.append(p[lo - pos : hi - pos])
-        pos += n
-    if sum(x.numel() for x in pieces) != numel:
-        raise CheckpointError("optimizer state is shorter than the parameters (truncated?)")
-    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-
-
 class DSWriter:
     """Write side: DeepSpeed-loadable files for a target TP/PP/DP, one layer group at a time.
 
@@ -318,8 +318,17 @@ class DSWriter:
     target stage's flat ZeRO groups are assembled at ``finish``.
     """
 
-    def __init__(self, out_dir: Path, cfg: ModelConfig, tp: int, pp: int, dp: int = 1):
+    def __init__(
+        self,
+        out_dir: Path,
+        cfg: ModelConfig,
+        tp: int,
+        pp: int,
+        dp: int = 1,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.dir, self.cfg, self.tp, self.pp, self.dp = out_dir, cfg, tp, pp, dp
+        self.dtype = dtype  # of the weights (bf16 runs save bf16 weights; masters are fp32)
         self.bounds = stage_bounds(cfg, pp)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.modules: list[dict[str, Tensor]] = [{} for _ in range(tp)]
@@ -333,7 +342,7 @@ class DSWriter:
         for n in names:
             t = full.pop(n)
             for r in range(self.tp):
-                shards[r][n] = rules.shard_tensor(n, t, self.cfg, self.tp, r)
+                shards[r][n] = rules.shard_tensor(n, t, self.cfg, self.tp, r).to(self.dtype)
             del t
         for r in range(self.tp):
             if self.pp == 1:
@@ -393,33 +402,26 @@ class DSWriter:
         self.modules = [{} for _ in range(self.tp)]
 
     def _write_optimizer(self, stage: int, r: int, groups: list[list[str]], common) -> None:
+        """One file per DP rank, in the source's format (ZeRO or BF16_Optimizer) and prefix."""
         from deepspeed.utils.tensor_fragment import fragment_address
 
         mp = stage * self.tp + r
-        align = 2 * self.dp  # DeepSpeed's nccl_start_alignment_factor x DP
-        per_group = []
-        for g in groups:
-            flats = {k: torch.cat([self.opt[(r, n)][k].reshape(-1) for n in g]) for k in OPT_KEYS}
-            total = flats["master"].numel()
-            padded = -(-total // align) * align
-            part = padded // self.dp
-            flats = {
-                k: torch.cat([v, v.new_zeros(padded - total)]) if padded > total else v
-                for k, v in flats.items()
-            }
-            per_group.append((g, flats, total, part))
+        flats = [
+            {k: torch.cat([self.opt[(r, n)][k].reshape(-1) for n in g]) for k in OPT_KEYS}
+            for g in groups
+        ]
+        totals = [f["master"].numel() for f in flats]
         for d in range(self.dp):
-            masters, states, paddings, mappings = [], {}, [], []
-            for gi, (g, flats, total, part) in enumerate(per_group):
+            parts, mappings = [], []
+            for g, flat, total in zip(groups, flats, totals):
+                part = zero_state.partition_numel(total, self.dp)
                 lo, hi = d * part, (d + 1) * part
-                pad = max(0, hi - max(lo, total))
-                masters.append(flats["master"][lo : hi - pad].clone())
-                states[gi] = {
-                    "step": common["step"][gi].clone(),
-                    "exp_avg": flats["exp_avg"][lo:hi].clone(),
-                    "exp_avg_sq": flats["exp_avg_sq"][lo:hi].clone(),
-                }
-                paddings.append(pad)
+                parts.append(
+                    {
+                        k: torch.cat([v[lo:hi], v.new_zeros(max(0, hi - max(lo, total)))])
+                        for k, v in flat.items()
+                    }
+                )
                 m, off = OrderedDict(), 0
                 for n in g:
                     numel = self.opt[(r, n)]["master"].numel()
@@ -430,30 +432,12 @@ class DSWriter:
                         )
                     off += numel
                 mappings.append(m)
-            osd = {
-                "loss_scaler": common["loss_scaler"],
-                "dynamic_loss_scale": common["dynamic_loss_scale"],
-                "overflow": common["overflow"],
-                "clip_grad": common["clip_grad"],
-                "base_optimizer_state": {
-                    "state": states,
-                    "param_groups": [dict(pg) for pg in common["param_groups"]],
-                },
-                "single_partition_of_fp32_groups": masters,
-                "zero_stage": common["zero_stage"],
-                "group_paddings": paddings,
-                "param_alignment_paddings": [[0] * len(g) for g, *_ in per_group],
-                "partition_count": [self.dp] * len(per_group),
-                "ds_version": common["ds_version"],
-                "param_slice_mappings": mappings,
-            }
+            osd = zero_state.build_osd(
+                common["template"], parts, totals, self.dp, d, mappings, [len(g) for g in groups]
+            )
             torch.save(
-                {
-                    "optimizer_state_dict": osd,
-                    "ds_config": common["ds_config"],
-                    "ds_version": common["ds_version"],
-                },
-                optim_file(self.dir, d, mp),
+                {**common["top"], "optimizer_state_dict": osd},
+                optim_file(self.dir, d, mp, common["prefix"]),
             )
 
 

@@ -30,6 +30,7 @@ from mtnlg.training.arguments import build_parser
 from mtnlg.training.data import build_datasets, check_data_path
 from mtnlg.training.loop import Progress, train
 from mtnlg.training.metrics import MetricsLogger
+from mtnlg.training.pretrain import check_peak_tflops
 from mtnlg.training.runconfig import checkpoint_meta, dataset_samples, loop_config, schedules
 from mtnlg.training.setup import (
     batch_sizes,
@@ -109,6 +110,7 @@ def _run(args: argparse.Namespace) -> Progress:
 
     try:
         _check_flags(args)
+        check_peak_tflops(args)
         kd = KDConfig(args.kd_temperature, args.kd_alpha, args.kd_loss)
         dims = ParallelDims(world_size=dist.get_world_size(), tp=args.tensor_model_parallel_size)
         batch = batch_sizes(args, dims)
@@ -179,7 +181,7 @@ def _run(args: argparse.Namespace) -> Progress:
     try:
         progress = train(
             engine, topo, model_cfg, datasets, loop, schedule, ramp, progress, meta,
-            tokenizer=tokenizer, logger=logger,
+            tokenizer=tokenizer, logger=logger, peak_tflops=args.peak_tflops,
         )  # fmt: skip
     finally:
         logger.close()

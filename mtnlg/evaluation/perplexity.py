@@ -3,6 +3,9 @@
 Windows: the text is tokenized without EOD and cut into consecutive non-overlapping windows
 of ``seq_length + 1`` tokens (a final partial window of >= 2 tokens is kept); every next-token
 target of every window is counted once. Loss = mean NLL in nats over all targets.
+
+Windows go through the model ``--micro-batch-size`` at a time (shorter ones padded, padding
+masked out), many micro-batches per pipeline call; exact NLL sums and target counts are reduced.
 """
 
 from __future__ import annotations
@@ -46,45 +49,75 @@ def dataset_windows(
     return [valid[i]["text"] for i in range(n)]
 
 
-def _padded(window: np.ndarray, seq_length: int):
-    """(1, s) input ids, labels and loss mask for one window (padding masked out)."""
-    n = len(window) - 1
-    ids = torch.zeros(1, seq_length, dtype=torch.long)
-    labels = torch.zeros(1, seq_length, dtype=torch.long)
-    mask = torch.zeros(1, seq_length, dtype=torch.float32)
-    t = torch.from_numpy(window)
-    ids[0, :n], labels[0, :n], mask[0, :n] = t[:-1], t[1:], 1.0
+MICRO_BATCHES_PER_CALL = 32
+"""Micro-batches per ``eval_batch`` call: the pipeline fills once for all of them."""
+
+
+def _micro_batch(windows: list[np.ndarray], micro: int, seq_length: int):
+    """(m, s) input ids, labels and loss mask for up to ``micro`` windows (padding masked out)."""
+    ids = torch.zeros(micro, seq_length, dtype=torch.long)
+    labels = torch.zeros(micro, seq_length, dtype=torch.long)
+    mask = torch.zeros(micro, seq_length, dtype=torch.float32)
+    for row, window in enumerate(windows):
+        n, t = len(window) - 1, torch.from_numpy(window)
+        ids[row, :n], labels[row, :n], mask[row, :n] = t[:-1], t[1:], 1.0
     return ids, labels, mask
 
 
+def _micro_batches(windows: list[np.ndarray], n: int, micro: int, seq_length: int):
+    """``n`` micro-batches of ``windows``, the last ones padded with empty rows."""
+    for i in range(n):
+        yield _micro_batch(windows[i * micro : (i + 1) * micro], micro, seq_length)
+
+
 @torch.no_grad()
-def evaluate_windows(engine, topo, windows: list[np.ndarray], seq_length: int) -> dict:
-    """Sum NLL and count targets over ``windows`` (split across DP ranks); all ranks agree."""
+def evaluate_windows(
+    engine, topo, windows: list[np.ndarray], seq_length: int, micro_batch: int = 1
+) -> dict:
+    """Sum NLL and count targets over ``windows`` (split across DP ranks); all ranks agree.
+
+    Each micro-batch's loss is the mean NLL over its targets, so ``loss x targets`` is its NLL
+    sum; sums and counts (never means) are reduced, in float64 on the engine's device: over the
+    pipeline (only the last stage has losses) and over DP. TP ranks hold the same loss.
+    """
     from deepspeed.runtime.pipe.engine import PipelineEngine
 
+    pipe = isinstance(engine, PipelineEngine)
     engine.eval()
-    nll = torch.zeros(2, dtype=torch.float64)  # (sum of NLL, number of targets)
+    dev = engine.device
+    nll = torch.zeros(2, dtype=torch.float64, device=dev)  # (sum of NLL, number of targets)
     mine = windows[topo.dp_rank :: topo.dp]
-    per_rank = math.ceil(len(windows) / topo.dp)
-    empty = np.zeros(2, dtype=np.int64)
-    for i in range(per_rank):  # every DP rank runs the same number of steps
-        w = mine[i] if i < len(mine) else empty
-        ids, labels, mask = _padded(w, seq_length)
-        count = float(mask.sum())
-        if count == 0:
-            mask[0, 0] = 1.0  # a dummy target keeps the loss finite; not counted
-        if isinstance(engine, PipelineEngine):
-            batch = (ids, (labels, mask))
-            loss = float(engine.eval_batch(data_iter=iter([batch]), num_micro_batches=1))
+    # every DP rank runs the same number of micro-batches (empty rows count no target)
+    n_micro = math.ceil(math.ceil(len(windows) / topo.dp) / micro_batch)
+    batches = _micro_batches(mine, n_micro, micro_batch, seq_length)
+    per_call = MICRO_BATCHES_PER_CALL if pipe else 1
+    for first in range(0, n_micro, per_call):
+        k = min(per_call, n_micro - first)
+        chunk = [next(batches) for _ in range(k)]
+        counts = torch.tensor([float(m.sum()) for _, _, m in chunk], dtype=torch.float64)
+        if pipe:
+            data = [(ids, (labels, mask)) for ids, labels, mask in chunk]
+            # per-micro-batch mean losses on the last stage (no DP averaging), None elsewhere
+            losses = engine.eval_batch(
+                data_iter=iter(data), num_micro_batches=k, reduce_output=None, bcast_loss=False
+            )
+            if not topo.is_last_stage:
+                continue
+            losses = torch.stack([x.reshape(()) for x in losses])
         else:
-            dev = engine.device
-            loss = float(engine(ids.to(dev), (labels.to(dev), mask.to(dev))))
-        nll += torch.tensor([loss * count, count], dtype=torch.float64)
+            ids, labels, mask = chunk[0]
+            losses = engine(ids.to(dev), (labels.to(dev), mask.to(dev))).reshape(1)
+        counts = counts.to(dev)
+        sums = torch.where(counts > 0, losses.double() * counts, 0.0)  # all-padding: no loss
+        nll[0] += sums.sum()
+        nll[1] += counts.sum()
+    if topo.pp > 1:  # the last stage's sums to every stage
+        dist.all_reduce(nll, group=topo.pp_group)
     if topo.dp > 1:
         dist.all_reduce(nll, group=topo.dp_group)
-    total, count = float(nll[0]), int(nll[1])
-    loss = total / max(count, 1)
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+    total, count = nll.tolist()
+    loss = total / max(count, 1.0)
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(count)}
 
 
 def write_json(path: str, result: dict) -> None:

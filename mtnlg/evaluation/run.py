@@ -25,6 +25,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     src.add_argument("--text-file", help="evaluate a raw text file (WikiText style, no EOD)")
     p.add_argument("--split", default="969,30,1")
     p.add_argument("--seq-length", type=int, help="window length (default: the model's)")
+    p.add_argument("--micro-batch-size", type=int, default=1, help="windows per micro-batch")
     p.add_argument("--eval-samples", type=int, help="cap on validation samples (--data-path)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--output-json", help="write {loss, perplexity, tokens} here")
@@ -42,6 +43,8 @@ def run(argv: list[str] | None = None, description: str = __doc__) -> dict:
         raise SystemExit(f"error: --load {args.load}: no 'latest' file (not an mtnlg checkpoint?)")
     if args.text_file and not Path(args.text_file).is_file():
         raise SystemExit(f"error: --text-file {args.text_file}: no such file")
+    if args.micro_batch_size < 1:
+        raise SystemExit(f"error: --micro-batch-size {args.micro_batch_size}: must be >= 1")
     meta = checkpointing.read_meta(args.load)
     init_distributed()
     try:
@@ -72,11 +75,13 @@ def _run(args, meta: dict) -> dict:
         windows = text_windows(tokenizer.tokenize(text), seq)
     else:
         windows = dataset_windows(args.data_path, args.split, seq, args.seed, args.eval_samples)
+    if not windows:
+        raise SystemExit(f"error: {args.text_file or args.data_path}: no window of >= 2 tokens")
     topo = Topology(dims)
     ds_config = {
-        "train_micro_batch_size_per_gpu": 1,
+        "train_micro_batch_size_per_gpu": args.micro_batch_size,
         "gradient_accumulation_steps": 1,
-        "train_batch_size": dims.dp,
+        "train_batch_size": args.micro_batch_size * dims.dp,
         "steps_per_print": 10**9,
     }
     if args.bf16:
@@ -91,7 +96,7 @@ def _run(args, meta: dict) -> dict:
         training=False,
     )
     checkpointing.load(engine, topo, args.load, load_optimizer=False)
-    result = evaluate_windows(engine, topo, windows, seq)
+    result = evaluate_windows(engine, topo, windows, seq, args.micro_batch_size)
     if topo.rank == 0:
         print(
             f"evaluated {result['tokens']} tokens | loss {result['loss']:.6f} | "

@@ -27,19 +27,27 @@ def seed_everything(seed: int) -> None:
 
 
 class GPTLoss(nn.Module):
-    """Mean next-token loss from vocab-parallel logits; only (b, s) values cross TP ranks."""
+    """Mean next-token loss from vocab-parallel logits; only (b, s) values cross TP ranks.
 
-    def __init__(self, tp_group=None):
+    With ``vocab_size`` (the real, unpadded vocabulary) the padding columns of the logits are
+    excluded from the softmax here, whatever their value, so callers need not mask them.
+    """
+
+    def __init__(self, tp_group=None, vocab_size: int | None = None):
         super().__init__()
         self.tp_group = tp_group
+        self.vocab_size = vocab_size
 
-    def forward(self, logits: torch.Tensor, labels) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, labels, inplace: bool = False) -> torch.Tensor:
         # logits: (b, s, V/tp); labels: (b, s) or ((b, s) labels, (b, s) loss mask)
+        # inplace: the logits are a temporary the caller no longer reads (they are overwritten)
         if isinstance(labels, (tuple, list)):
             labels, loss_mask = labels
         else:
             loss_mask = None
-        losses = vocab_parallel_cross_entropy(logits, labels, self.tp_group)  # (b, s) fp32
+        losses = vocab_parallel_cross_entropy(
+            logits, labels, self.tp_group, vocab_size=self.vocab_size, inplace=inplace
+        )  # (b, s) fp32
         if loss_mask is None:
             return losses.mean()
         loss_mask = loss_mask.to(losses.dtype)
@@ -63,7 +71,7 @@ class GPTModel(nn.Module):
         self.layers = nn.ModuleList(blocks)
         seed_everything(seed + 1 + cfg.num_layers)
         self.final_norm = FinalLayerNorm(cfg)
-        self.loss_fn = GPTLoss(tp_group)
+        self.loss_fn = GPTLoss(tp_group, cfg.vocab_size)
         self.checkpoint_fn: Callable | None = None
         """Set to an activation-checkpoint function (e.g. deepspeed.checkpointing.checkpoint)."""
 
@@ -79,10 +87,13 @@ class GPTModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels=None) -> torch.Tensor:
         """Logits shard (b, s, V/tp) without labels, else the mean loss (a scalar)."""
-        logits = self.embedding.lm_logits(self.hidden_states(input_ids))
+        hidden = self.hidden_states(input_ids)  # (b, s, h)
         if labels is None:
-            return logits
-        return self.loss_fn(logits, labels)
+            return self.embedding.lm_logits(hidden)
+        # Training/eval loss: the loss excludes the padding columns itself and works in place
+        # in the logits buffer, so no (b, s, V/tp) copy of the logits is made.
+        logits = self.embedding.lm_logits(hidden, mask_padding=False)
+        return self.loss_fn(logits, labels, inplace=True)
 
     @torch.no_grad()
     def full_logits(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -65,12 +65,10 @@ class GPTEmbedding(nn.Module):
         self.word_embeddings = VocabParallelEmbedding(
             padded, cfg.hidden_size, tp_group=tp_group, init_method=init_words
         )
-        # Mask of this rank's padding columns (None when its shard holds no padding).
+        # This rank's padding columns: [pad_from, shard) of its logits (None: no padding here).
         shard = padded // tp
         start = shard * (torch.distributed.get_rank(tp_group) if tp_group is not None else 0)
-        local_ids = torch.arange(start, start + shard)
-        pad = local_ids >= vocab
-        self.register_buffer("_pad_mask", pad if bool(pad.any()) else None, persistent=False)
+        self._pad_from = min(max(vocab - start, 0), shard) if vocab < start + shard else None
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         init(self.position_embeddings.weight)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
@@ -82,11 +80,19 @@ class GPTEmbedding(nn.Module):
         x = self.word_embeddings(input_ids) + self.position_embeddings(pos)
         return self.dropout(x)  # replicated across TP: default generator, equal masks
 
-    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: (b, s, h) -> logits shard (b, s, V/tp); padding columns -> -inf
+    def lm_logits(self, hidden: torch.Tensor, mask_padding: bool = True) -> torch.Tensor:
+        """hidden: (b, s, h) -> logits shard (b, s, V/tp); padding columns -> -inf.
+
+        ``mask_padding=False`` leaves the padding columns as computed (zero rows give 0), for a
+        consumer that excludes them itself (``GPTLoss`` with its ``vocab_size``).
+        """
         logits = parallel_lm_logits(hidden, self.word_embeddings.weight, self.tp_group)
-        if self._pad_mask is not None:
-            logits = logits.masked_fill(self._pad_mask, float("-inf"))
+        if not mask_padding or self._pad_from is None:
+            return logits
+        if logits.requires_grad:  # out of place: the mask's backward zeroes the padding grads
+            pad = torch.arange(logits.shape[-1], device=logits.device) >= self._pad_from
+            return logits.masked_fill(pad, float("-inf"))
+        logits[..., self._pad_from :] = float("-inf")  # no autograd: fill the fresh tensor
         return logits
 
 

@@ -19,8 +19,10 @@ from mtnlg.model.layers import FinalLayerNorm, GPTEmbedding, TransformerBlock
 
 
 def _lm_head(embedding: GPTEmbedding, hidden: torch.Tensor) -> torch.Tensor:
-    # (b, s, h) -> (b, s, V/tp) through the tied word embedding
-    return embedding.lm_logits(hidden)
+    # (b, s, h) -> (b, s, V/tp) through the tied word embedding. The padding columns are left
+    # unmasked (no (b, s, V/tp) copy): the pipeline's loss (GPTLoss with the real vocabulary
+    # size) excludes them from the softmax.
+    return embedding.lm_logits(hidden, mask_padding=False)
 
 
 def gpt_layer_specs(cfg: ModelConfig, tp_group=None) -> list:
@@ -58,7 +60,7 @@ class GPTPipe(PipelineModule):
     ):
         super().__init__(
             layers=gpt_layer_specs(cfg, topo.tp_group),
-            loss_fn=GPTLoss(topo.tp_group),
+            loss_fn=GPTLoss(topo.tp_group, cfg.vocab_size),
             topology=topo.ds_topo,
             seed_layers=True,
             seed_fn=seed_everything,

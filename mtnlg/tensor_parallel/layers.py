@@ -191,8 +191,9 @@ class ColumnParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: Tensor) -> Tensor:
-        # x: (..., in) replicated on every TP rank
-        x = copy_to_tp_region(x, self.tp_group)
+        # x: (..., in) replicated on every TP rank; its gradient (fresh from F.linear's
+        # backward, read by nothing else) is all-reduced in place
+        x = copy_to_tp_region(x, self.tp_group, inplace=True)
         y = F.linear(x, self.weight, self.bias)  # (..., out / tp)
         if not self.gather_output:
             return y
@@ -263,8 +264,10 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp_region(x, self.tp_group)  # (..., in) -> (..., in / tp)
-        y = F.linear(x, self.weight)  # (..., out) partial sum
-        y = reduce_from_tp_region(y, self.tp_group)  # (..., out) full
+        if tp_world_size(self.tp_group) == 1:
+            return F.linear(x, self.weight, self.bias)  # (..., out), bias fused
+        y = F.linear(x, self.weight)  # (..., out) partial sum, saved by no autograd node
+        y = reduce_from_tp_region(y, self.tp_group, inplace=True)  # (..., out) full
         if self.bias is not None:
             y = y + self.bias
         return y
@@ -323,9 +326,9 @@ class VocabParallelEmbedding(nn.Module):
             return F.embedding(ids, self.weight)
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)  # (...)
         local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
-        out = F.embedding(local_ids, self.weight)  # (..., dim)
-        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_from_tp_region(out, self.tp_group)
+        out = F.embedding(local_ids, self.weight)  # (..., dim), a fresh temporary
+        out.masked_fill_(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp_region(out, self.tp_group, inplace=True)
 
     def extra_repr(self) -> str:
         return (
@@ -343,5 +346,5 @@ def parallel_lm_logits(
     Feed the result to :func:`mtnlg.tensor_parallel.vocab_parallel_cross_entropy`; the full
     (..., V) logits are never materialised.
     """
-    hidden = copy_to_tp_region(hidden, group)
+    hidden = copy_to_tp_region(hidden, group, inplace=True)  # its grad: F.linear's, fresh
     return F.linear(hidden, word_embeddings_weight)

@@ -36,11 +36,12 @@ def tp_rank(group: dist.ProcessGroup | None) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
-def _all_reduce(x: Tensor, group) -> Tensor:
-    """Sum over the group into a fresh contiguous tensor (the input is left untouched)."""
+def _all_reduce(x: Tensor, group, inplace: bool = False) -> Tensor:
+    """Sum over the group: in ``x`` itself when ``inplace`` (and ``x`` is contiguous), else into a
+    fresh contiguous tensor (the input is left untouched)."""
     if tp_world_size(group) == 1:
         return x
-    out = x.clone(memory_format=torch.contiguous_format)
+    out = x if inplace and x.is_contiguous() else x.clone(memory_format=torch.contiguous_format)
     dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
     return out
 
@@ -72,25 +73,28 @@ class _CopyToTPRegion(torch.autograd.Function):
     """Forward: identity. Backward: all-reduce the gradient."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
+    def forward(ctx, x, group, inplace):
+        ctx.group, ctx.inplace = group, inplace
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
+        return _all_reduce(grad, ctx.group, ctx.inplace), None, None
 
 
 class _ReduceFromTPRegion(torch.autograd.Function):
     """Forward: all-reduce. Backward: identity."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
+    def forward(ctx, x, group, inplace):
+        out = _all_reduce(x, group, inplace)
+        if out is x:
+            ctx.mark_dirty(x)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return grad, None, None
 
 
 class _ScatterToTPRegion(torch.autograd.Function):
@@ -119,18 +123,31 @@ class _GatherFromTPRegion(torch.autograd.Function):
         return _split_last_dim(grad, ctx.group), None
 
 
-def copy_to_tp_region(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-    """Identity forward; all-reduce (sum) of the gradient over ``group`` backward."""
+def copy_to_tp_region(
+    x: Tensor, group: dist.ProcessGroup | None, *, inplace: bool = False
+) -> Tensor:
+    """Identity forward; all-reduce (sum) of the gradient over ``group`` backward.
+
+    ``inplace``: the gradient arriving in backward is the caller's own temporary (e.g. the
+    input gradient of the one linear layer that consumes the result), reduced in place instead
+    of copied first (Megatron's ``f``).
+    """
     if tp_world_size(group) == 1:
         return x
-    return _CopyToTPRegion.apply(x, group)
+    return _CopyToTPRegion.apply(x, group, inplace)
 
 
-def reduce_from_tp_region(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-    """All-reduce (sum) over ``group`` forward; identity backward."""
+def reduce_from_tp_region(
+    x: Tensor, group: dist.ProcessGroup | None, *, inplace: bool = False
+) -> Tensor:
+    """All-reduce (sum) over ``group`` forward; identity backward.
+
+    ``inplace``: ``x`` is a temporary the caller no longer reads (e.g. a partial product that no
+    autograd node saved); it is reduced in place instead of copied first (Megatron's ``g``).
+    """
     if tp_world_size(group) == 1:
         return x
-    return _ReduceFromTPRegion.apply(x, group)
+    return _ReduceFromTPRegion.apply(x, group, inplace)
 
 
 def scatter_to_tp_region(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:

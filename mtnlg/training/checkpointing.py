@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from mtnlg.distributed.topology import ParallelDims
+
 META = "mtnlg_meta.json"
 FORMAT_VERSION = 1
 
@@ -106,6 +108,16 @@ def load(engine, topo, load_dir: str, *, load_optimizer: bool = True) -> dict[st
     A checkpoint whose metadata says ``"weights_only": true`` (written by
     ``checkpoint_tools/convert_checkpoint.py``) loads its weights only: the optimizer starts
     fresh and the RNG states are not restored.
+
+    **Another DP degree** (same TP x PP): DeepSpeed refuses ZeRO optimizer state saved at another
+    DP size, so the engine loads weights and counters, and :func:`load_optimizer_at_dp` cuts this
+    rank's ZeRO-1/2 partition out of the saved partitions that overlap it (memory-mapped: each
+    rank reads O(its partition)). Progress (iteration, consumed samples) continues; the global
+    batch is the same, so the data is too. RNG: every DP replica of a (TP, PP) rank runs the same
+    streams (seeds depend on TP/PP only), so each rank restores the state saved by the rank at
+    its (TP, PP) coordinates and DP rank ``dp_rank % saved_dp``. With dropout, masks still differ
+    from an uninterrupted run at the old DP: each rank now draws for ``global / (micro x DP)``
+    micro-batches per step instead of the old count.
     """
     tag = read_latest(load_dir)
     meta = read_meta(load_dir, tag)
@@ -119,16 +131,76 @@ def load(engine, topo, load_dir: str, *, load_optimizer: bool = True) -> dict[st
     if meta.get("weights_only"):
         # hf-to-mtnlg or a reshard without optimizer state: weights only, fresh optimizer/RNG
         load_optimizer = False
+    saved_dp = saved.get("dp", topo.dp)
+    elastic = load_optimizer and saved_dp != topo.dp and engine.zero_optimization()
     path, _ = engine.load_checkpoint(
         load_dir,
         tag=tag,
-        load_optimizer_states=load_optimizer,
+        load_optimizer_states=load_optimizer and not elastic,
         load_lr_scheduler_states=False,
         load_module_only=not load_optimizer,
     )
     if path is None:
         raise SystemExit(f"error: --load {load_dir}: DeepSpeed could not load tag {tag}")
-    rng_file = Path(load_dir) / tag / "rng" / f"rank_{topo.rank:05d}.pt"
-    if load_optimizer and rng_file.is_file() and saved.get("dp") == topo.dp:
-        set_rng_state(torch.load(rng_file, weights_only=True))
+    if elastic:
+        load_optimizer_at_dp(engine, Path(load_dir) / tag, saved_dp)
+    if load_optimizer:
+        src = ParallelDims(world_size=topo.tp * topo.pp * saved_dp, tp=topo.tp, pp=topo.pp)
+        src_rank = src.rank(pp=topo.pp_rank, dp=topo.dp_rank % saved_dp, tp=topo.tp_rank)
+        rng_file = Path(load_dir) / tag / "rng" / f"rank_{src_rank:05d}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
     return meta
+
+
+def load_optimizer_at_dp(engine, ckpt_dir: Path, saved_dp: int) -> None:
+    """Fill this rank's ZeRO-1/2 optimizer partition from state saved at ``saved_dp`` DP ranks.
+
+    Works for both of DeepSpeed's formats (``DeepSpeedZeroOptimizer``, ``BF16_Optimizer``); the
+    partitions are handed to the optimizer's own ``load_state_dict`` as if saved at this DP.
+    """
+    import torch.distributed as dist
+
+    from mtnlg.checkpoint import zero_state as zs
+    from mtnlg.checkpoint.deepspeed_layout import safe_load
+    from mtnlg.checkpoint.rules import CheckpointError
+
+    opt = engine.optimizer
+    groups = getattr(opt, "bf16_groups", None) or getattr(opt, "bit16_groups", None)
+    dp = dist.get_world_size(group=opt.dp_process_group)
+    fix = f"; write one for DP={dp} with `checkpoint_tools/convert_checkpoint.py reshard --dp {dp}`"
+    if groups is None or engine.zero_optimization_stage() > 2:
+        raise SystemExit(
+            f"error: --load {ckpt_dir.parent}: optimizer state saved at DP={saved_dp} can be "
+            f"re-partitioned to DP={dp} for ZeRO stage 1/2 only (this run: stage "
+            f"{engine.zero_optimization_stage()})" + fix
+        )
+    if getattr(opt, "round_robin_gradients", False):
+        raise SystemExit(
+            f"error: --load {ckpt_dir.parent}: zero_optimization.round_robin_gradients orders "
+            f"the ZeRO partitions by DP size, so state saved at DP={saved_dp} cannot be cut for "
+            f"DP={dp}" + fix
+        )
+    prefix = zs.find_prefix(ckpt_dir)
+    if prefix is None:
+        raise SystemExit(f"error: --load {ckpt_dir}: no ZeRO optimizer files (*_optim_states.pt)")
+    mp, rank = engine.checkpoint_mp_rank, dist.get_rank(group=opt.dp_process_group)
+
+    def load_osd(d: int) -> dict:
+        return safe_load(ckpt_dir / zs.optim_name(prefix, d, mp))["optimizer_state_dict"]
+
+    try:
+        reader = zs.FlatReader(load_osd, saved_dp, str(ckpt_dir))
+        totals = [sum(p.numel() for p in group) for group in groups]
+        parts = [zs.rank_partition(reader, g, t, dp, rank) for g, t in enumerate(totals)]
+        tmpl = zs.template(reader.osd((reader.opened or [0])[0]))
+    except CheckpointError as e:
+        raise SystemExit(f"error: --load {ckpt_dir.parent}: {e}") from None
+    osd = zs.build_osd(tmpl, parts, totals, dp, rank, group_sizes=[len(g) for g in groups])
+    state_dicts: list = [None] * dp
+    state_dicts[rank] = osd
+    opt.load_state_dict(
+        state_dict_list=state_dicts,
+        load_optimizer_states=True,
+        load_from_fp32_weights=engine.zero_load_from_fp32_weights(),
+    )

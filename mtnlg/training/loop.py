@@ -16,6 +16,7 @@ from mtnlg.training.metrics import (
     achieved_tflops,
     flops_per_iteration,
     format_log_line,
+    mfu,
 )
 from mtnlg.training.schedules import BatchRampup, LRSchedule
 
@@ -76,8 +77,9 @@ def eval_loss(engine, topo, dataset, loop: LoopConfig, global_batch: int) -> flo
         micro = rank_micro_batches(
             dataset, k * global_batch, global_batch, loop.micro_batch, topo.dp, topo.dp_rank
         )
-        if _is_pipe(engine):
-            losses.append(float(engine.eval_batch(data_iter=iter(micro))))
+        if _is_pipe(engine):  # during ramp-up the engine's accumulation count is smaller
+            loss = engine.eval_batch(data_iter=iter(micro), num_micro_batches=len(micro))
+            losses.append(float(loss))
             continue
         engine.eval()
         total = torch.zeros((), dtype=torch.float32, device=engine.device)
@@ -188,8 +190,8 @@ def train(
                 "tokens_per_sec": window_tokens / dt,
                 "tflops_per_gpu": tflops,
             }
-            if peak_tflops:
-                fields["mfu"] = tflops / peak_tflops
+            if peak_tflops is not None:
+                fields["mfu"] = mfu(tflops, peak_tflops)
             if rank0:
                 line = format_log_line(progress.iteration, loop.train_iters, fields)
                 (bar.write if bar is not None else print)(line)

@@ -55,6 +55,11 @@ def resolve_model_and_tokenizer(args) -> tuple[ModelConfig, object, dict | None]
         raise _user_error(e) from None
 
 
+def check_peak_tflops(args) -> None:
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise ValueError(f"--peak-tflops {args.peak_tflops}: must be > 0 (the device's peak)")
+
+
 def run(argv: list[str] | None = None, description: str = __doc__) -> Progress:
     args = build_parser(description).parse_args(argv)
     init_distributed()
@@ -76,6 +81,7 @@ def _run(args: argparse.Namespace) -> Progress:
             vocab_size=model_cfg.padded_vocab_size(tp),
         )
         check_zero_with_pipeline(args)
+        check_peak_tflops(args)
         dims = ParallelDims(world_size=dist.get_world_size(), tp=tp, pp=pp)
         batch = batch_sizes(args, dims)
         ramp, train_iters, schedule = schedules(args, batch, dims)
@@ -125,6 +131,7 @@ def _run(args: argparse.Namespace) -> Progress:
             meta,
             tokenizer=tokenizer,
             logger=logger,
+            peak_tflops=args.peak_tflops,
         )
     finally:
         logger.close()

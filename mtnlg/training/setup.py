@@ -41,9 +41,12 @@ def load_ds_config(path: str | None) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"--deepspeed_config {path}: no such file")
     try:
-        return json.loads(p.read_text())
+        cfg = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"--deepspeed_config {path}: line {e.lineno}: {e.msg}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"--deepspeed_config {path}: not a JSON object")
+    return cfg
 
 
 def check_zero_with_pipeline(args) -> None:
@@ -112,6 +115,7 @@ def resolve_ds_config(args, dims: ParallelDims, batch: BatchSizes) -> dict[str, 
             f"ZeRO stage {zero['stage']} with --pipeline-model-parallel-size {dims.pp}: "
             "DeepSpeed's pipeline engine supports ZeRO stage 0/1 only (use PP=1 for ZeRO-2/3)"
         )
+    _resolve_grad_accum_dtype(cfg, path)
 
     if args.clip_grad is not None:
         _agree(cfg, "gradient_clipping", args.clip_grad, "--clip-grad", path)
@@ -129,6 +133,34 @@ def resolve_ds_config(args, dims: ParallelDims, batch: BatchSizes) -> dict[str, 
         },
     )
     return cfg
+
+
+FP32_NAMES = ("fp32", "float32", "float", "torch.float32")
+
+
+def _resolve_grad_accum_dtype(cfg: dict, path: str | None) -> None:
+    """bf16 with ZeRO-1 accumulates gradients in fp32 unless the JSON says otherwise.
+
+    DeepSpeed 0.19.8 picks its optimizer wrapper from ``data_types.grad_accum_dtype``: bf16
+    weights + ZeRO-1 + fp32 accumulation is ``BF16_Optimizer`` (an fp32 buffer per parameter,
+    added to after every micro-batch; plain and pipeline engine alike), while without the key
+    gradients are summed in bf16 over all micro-batches (240 in the 530B recipe). With ZeRO-0
+    DeepSpeed has no fp32 accumulation (it raises NotImplementedError), so bf16 accumulation
+    stays; ZeRO-2/3 keep their own reduction buffers.
+    """
+    if not cfg.get("bf16", {}).get("enabled"):
+        return
+    stage = cfg["zero_optimization"]["stage"]
+    data_types = cfg.get("data_types", {})
+    accum = data_types.get("grad_accum_dtype")
+    if stage == 1 and accum is None:
+        cfg["data_types"] = {**data_types, "grad_accum_dtype": "fp32"}
+    elif stage == 0 and accum is not None and str(accum).lower() in FP32_NAMES:
+        raise ConfigError(
+            f"--deepspeed_config {path} sets data_types.grad_accum_dtype={accum!r} with bf16 and "
+            "ZeRO stage 0: DeepSpeed accumulates bf16 gradients in fp32 only with ZeRO stage 1 "
+            "(--zero-stage 1)"
+        )
 
 
 OPTIMIZER_DEFAULTS = {  # flag dest: (DeepSpeed key, default)
@@ -189,8 +221,9 @@ def batch_sizes(args, dims: ParallelDims) -> BatchSizes:
         sizes = list(range(start, final + 1, inc))
     for gb in sizes:
         if gb % (micro * dims.dp):
+            flag = "--global-batch-size" if gb == final else "--rampup-batch-size: batch size"
             raise ConfigError(
-                f"--global-batch-size {gb} is not divisible by --micro-batch-size ({micro}) x "
+                f"{flag} {gb} is not divisible by --micro-batch-size ({micro}) x "
                 f"data-parallel size ({dims.dp})"
             )
     return BatchSizes(micro=micro, initial_global=sizes[0], final_global=final)

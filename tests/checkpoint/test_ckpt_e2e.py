@@ -79,7 +79,7 @@ def test_train_convert_evaluate_resume(prefix, hf_dir, tmp_path):
 
     # trained TP=2 x PP=2 -> HF: logits equal the mtnlg model's
     hf = tmp_path / "hf"
-    mtnlg_to_hf(str(ck), str(hf))
+    mtnlg_to_hf(str(ck), str(hf), weights_only=True)  # HF holds weights only
     cfg, full, tok = load_full_state(ck)
     model = GPTModel(cfg).eval()
     load_into_model(model, full, 1, 0)

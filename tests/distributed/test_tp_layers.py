@@ -308,6 +308,53 @@ def _check_cross_entropy(group, r: int, tp: int) -> None:
     _close(shard.grad, expected, "CE bf16 grad", rtol=1e-2, atol=1e-2)
 
 
+def _check_padding_and_inplace(group, r: int, tp: int) -> None:
+    """``vocab_size`` keeps the padding columns out of the softmax whatever their value (zero
+    gradient there); ``inplace`` computes in the logits buffer itself; the in-place mappings
+    reduce without a copy. Same values and collectives as the copying paths."""
+    b, s, V = 2, 3, 16 * tp
+    vocab = 16 * (tp // 2) + 11  # tp 2: rank 1 partly padding; tp 4: rank 2 partly, 3 wholly
+    torch.manual_seed(41)
+    full = torch.randn(b, s, V)
+    full[..., vocab:] = 1e4  # would take all the probability mass if it counted
+    target = torch.randint(0, vocab, (b, s))
+    target[0, 0] = vocab - 1
+    token_w = torch.randn(b, s)
+    ref_leaf = full[..., :vocab].clone().requires_grad_()
+    ref_loss = F.cross_entropy(ref_leaf.view(-1, vocab), target.view(-1), reduction="none")
+    ref_loss.view(b, s).mul(token_w).sum().backward()
+    ref_grad = F.pad(ref_leaf.grad, (0, V - vocab))  # zero gradient on the padding columns
+
+    for inplace in (False, True):
+        shard = split_tensor_for_rank(full, -1, r, tp).requires_grad_()
+        logits = shard * 1.0  # a temporary, as the output layer's
+        with _record_collectives() as calls:
+            loss = vocab_parallel_cross_entropy(
+                logits, target, group, vocab_size=vocab, inplace=inplace
+            )
+        assert len(calls) == 3 and all(n <= b * s for _, n in calls), f"CE: {calls}"
+        _close(loss, ref_loss.view(b, s), f"padded CE loss (inplace={inplace})")
+        (loss * token_w).sum().backward()
+        _close(shard.grad, split_tensor_for_rank(ref_grad, -1, r, tp), f"padded CE grad {inplace}")
+        overwritten = not torch.equal(logits, split_tensor_for_rank(full, -1, r, tp))
+        assert overwritten == inplace, f"inplace={inplace} but logits overwritten={overwritten}"
+
+    total = sum(range(1, tp + 1))
+    base, g = torch.randn(3, 4 * tp), torch.randn(3, 4 * tp)
+    leaf = base.clone().requires_grad_()
+    tmp = leaf * (r + 1)
+    y = reduce_from_tp_region(tmp, group, inplace=True)
+    assert y.data_ptr() == tmp.data_ptr(), "in-place reduce copied its input"
+    _close(y, base * total, "in-place reduce_from fwd")
+    y.backward(g)
+    _close(leaf.grad, g * (r + 1), "in-place reduce_from bwd")
+    leaf = base.clone().requires_grad_()
+    with _record_collectives() as calls:
+        (copy_to_tp_region(leaf, group, inplace=True) * (g * (r + 1))).sum().backward()
+    assert _count(calls, "all_reduce") == 1 and len(calls) == 1, f"in-place copy_to bwd: {calls}"
+    _close(leaf.grad, g * total, "in-place copy_to bwd")
+
+
 def _check_grad_norm(group, r: int, tp: int) -> None:
     """A column -> GeLU -> row MLP: DeepSpeed's TP filter for the global grad norm (count a param
     if ``is_model_parallel_parameter(p)`` or TP rank 0, then sum the squares over the group, as
@@ -384,6 +431,7 @@ def _all_checks(rank: int, world_size: int, tp_sizes: tuple[int, ...]):
             _check_row(group, r, tp, input_is_parallel=input_is_parallel)
         _check_embedding(group, r, tp)
         _check_cross_entropy(group, r, tp)
+        _check_padding_and_inplace(group, r, tp)
         _check_grad_norm(group, r, tp)
     return init_params
 

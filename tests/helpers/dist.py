@@ -124,3 +124,14 @@ def run_distributed(
     if errors:
         raise RuntimeError("a rank failed:\n" + "\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+def deepspeed_cmd(script: str, argv: list, hostfile, num_gpus: int | None = None) -> list[str]:
+    """The real ``deepspeed`` launcher (its runner module) on ``hostfile``, loopback, fresh port."""
+    import sys
+
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile)]
+    cmd += ["--no_ssh_check", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    if num_gpus is not None:
+        cmd += ["--num_gpus", str(num_gpus)]
+    return [*cmd, str(script), *map(str, argv)]
