@@ -4,6 +4,7 @@
 #   2. pretrain a small GPT with TP=2 x PP=2 on 4 processes through `deepspeed --hostfile`
 #   3. plot the loss curve (PNG), 4. evaluate the checkpoint's validation perplexity
 #   5. distill it into a smaller student, export to Hugging Face, generate with transformers
+#   6. generate from the trained checkpoint with mtnlg/generate.py at its TP=2 x PP=2
 # Everything lands in out/demo/. Override ITERS=... for a longer run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,13 +18,13 @@ MERGES=data/gpt2-tiny/gpt2-tiny-merges.txt
 LAUNCH=("$DS" --hostfile launch/hostfile.localhost --no_ssh_check --master_addr 127.0.0.1)
 
 rm -rf "$OUT" && mkdir -p "$OUT/data"
-echo "== 1/5 preprocess data/demo/shakespeare.jsonl"
+echo "== 1/6 preprocess data/demo/shakespeare.jsonl"
 "$PY" -m mtnlg.data.preprocess --input data/demo/shakespeare.jsonl \
   --output-prefix "$OUT/data/shakespeare" --tokenizer-type GPT2BPETokenizer \
   --vocab-file "$VOCAB" --merge-file "$MERGES" --append-eod --workers 2
 DATA="$OUT/data/shakespeare_text_document"
 
-echo "== 2/5 pretrain: TP=2 x PP=2 x DP=1 on 4 CPU processes (deepspeed --hostfile)"
+echo "== 2/6 pretrain: TP=2 x PP=2 x DP=1 on 4 CPU processes (deepspeed --hostfile)"
 "${LAUNCH[@]}" --master_port 29611 mtnlg/pretrain.py \
   --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 \
   --num-layers 4 --hidden-size 128 --num-attention-heads 4 --seq-length 128 \
@@ -37,16 +38,22 @@ echo "== 2/5 pretrain: TP=2 x PP=2 x DP=1 on 4 CPU processes (deepspeed --hostfi
   --metrics-file "$OUT/metrics.jsonl" --tensorboard-dir "$OUT/tensorboard" \
   --deepspeed --deepspeed_config ds_configs/cpu_fp32_zero1.json
 
-echo "== 3/5 loss curve"
+echo "== 3/6 loss curve"
 "$PY" -m mtnlg.plot "$OUT/metrics.jsonl" --output "$OUT/loss.png" --title "mtnlg demo"
 
-echo "== 4/5 evaluate the checkpoint at its own TP=2 x PP=2"
+echo "== 4/6 evaluate the checkpoint at its own TP=2 x PP=2"
 "${LAUNCH[@]}" --master_port 29612 mtnlg/evaluate.py --load "$OUT/ckpt" \
   --data-path "$DATA" --split 95,5,0 --eval-samples 64 --output-json "$OUT/eval.json"
 cat "$OUT/eval.json"
 
 if [ -f mtnlg/distill.py ] && [ -d mtnlg/checkpoint ]; then
-  echo "== 5/5 distill into a 2-layer student, export to Hugging Face, generate"
+  echo "== 5/6 distill into a 2-layer student, export to Hugging Face, generate"
   bash launch/demo_distill.sh "$OUT" "$DATA"
 fi
-echo "demo done: $OUT/loss.png, $OUT/ckpt, $OUT/eval.json"
+
+echo "== 6/6 generate from the checkpoint at TP=2 x PP=2 (mtnlg/generate.py, KV cache, greedy)"
+"${LAUNCH[@]}" --master_port 29614 mtnlg/generate.py --load "$OUT/ckpt" \
+  --prompt "ROMEO:" --greedy --max-new-tokens 32 --output-jsonl "$OUT/gen.jsonl"
+"$PY" -c 'import json, sys; r = json.loads(open(sys.argv[1]).readline()); print(r["prompt"] + r["text"])' \
+  "$OUT/gen.jsonl"
+echo "demo done: $OUT/loss.png, $OUT/ckpt, $OUT/eval.json, $OUT/gen.jsonl"

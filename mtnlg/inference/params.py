@@ -1,0 +1,63 @@
+"""What a caller asks for: sampling parameters, one request, one result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token; validated on construction (messages name the flag)."""
+
+    max_new_tokens: int = 32
+    """Tokens to generate at most (``--max-new-tokens``)."""
+    greedy: bool = False
+    """Argmax at every step (``--greedy``); temperature, top-k and top-p are then ignored."""
+    temperature: float = 1.0
+    """Logits are divided by it before the softmax (``--temperature``); 0 means greedy."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only (``--top-k``); 0: no limit."""
+    top_p: float = 1.0
+    """Sample from the smallest set whose probability reaches p (``--top-p``); 1: no limit."""
+    seed: int = 0
+    """Seeds this request's own generator (``--seed``): the same seed gives the same tokens
+    whatever the batch it is in and whatever the TP x PP layout."""
+    stop: tuple[str, ...] = ()
+    """Generation ends once the text contains one of these; the text is cut before it."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"--top-k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty strings")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt, already tokenized, and how to continue it."""
+
+    prompt_tokens: tuple[int, ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class Result:
+    """Generated tokens (ending with the EOD token when it stopped there), the text (without
+    EOD and without the stop string), and why it ended: ``"eod"``, ``"stop"`` or ``"length"``."""
+
+    tokens: list[int]
+    text: str | None
+    finish_reason: str
+    logits: list | None = None
+    """Only with ``return_logits`` and only on the last stage: the (V,) fp32 logits of every
+    step (unpadded vocabulary), for tests."""

@@ -1,0 +1,96 @@
+"""Serve an mtnlg checkpoint over HTTP at its TP x PP: OpenAI's completions and Megatron's /api.
+
+    python -m mtnlg.inference.server --load CKPT --port 8000            # one process
+    deepspeed --num_gpus 4 -m mtnlg.inference.server --load CKPT --port 8000
+    torchrun --nproc-per-node 4 -m mtnlg.inference.server --load CKPT --port 8000
+
+Rank 0 runs FastAPI under uvicorn (bound to 127.0.0.1 unless --host says otherwise: there is
+no authentication). One worker thread on rank 0 takes the queued HTTP requests, checks and
+tokenizes them, broadcasts the batch to every rank and calls ``engine.generate`` like them; the
+other ranks loop on those broadcasts until the shutdown message. Endpoints: ``POST
+/v1/completions``, ``PUT /api``, ``GET /v1/models``, ``GET /health``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # run as a file: import the package, not siblings
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(os.path.dirname(_here)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mtnlg.inference.server",
+        description=__doc__,
+        allow_abbrev=False,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    p.add_argument("--load", required=True, help="mtnlg checkpoint (with 'latest') or HF folder")
+    p.add_argument("--port", type=int, required=True, help="TCP port rank 0 listens on")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--model-name", help="the model's name in the API (default: --load's name)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences generated together")
+    p.add_argument("--tensor-model-parallel-size", type=int, help="default: the checkpoint's")
+    p.add_argument("--pipeline-model-parallel-size", type=int, help="default: the checkpoint's")
+    p.add_argument("--bf16", action="store_true", help="generate in bf16 (default fp32)")
+    p.add_argument("--log-level", default="info", help="uvicorn's log level")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    from mtnlg.inference.cli import _source
+
+    args = build_parser().parse_args(argv)
+    if not Path(args.load).is_dir():
+        raise SystemExit(f"error: --load {args.load}: no such directory")
+    if not 0 <= args.port < 65536:
+        raise SystemExit(f"error: --port {args.port}: must be in [0, 65535]")
+    if args.batch_size < 1:
+        raise SystemExit(f"error: --batch-size {args.batch_size}: must be >= 1")
+    _, tokenizer, saved = _source(args.load)
+    if tokenizer is None:
+        raise SystemExit(f"error: --load {args.load}: no tokenizer saved with it")
+    tp = args.tensor_model_parallel_size or saved[0]
+    pp = args.pipeline_model_parallel_size or saved[1]
+
+    from mtnlg.distributed.init import init_distributed, shutdown
+    from mtnlg.inference.cli import launch_engine
+
+    init_distributed()
+    topo, engine = launch_engine(args, tp, pp, "the server")
+    if topo.rank != 0:
+        follow(engine, args.batch_size)
+        shutdown()
+        return
+    from mtnlg.inference.serving import Server
+
+    server = Server(engine, args.model_name or Path(args.load).resolve().name, args.batch_size)
+    ok = server.serve(args.host, args.port, args.log_level)
+    if not ok:  # a generation failed mid-way: the peers may be stuck in a collective
+        print("error: generation failed; exiting so the launcher stops every rank", flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+    shutdown()
+
+
+def follow(engine, batch_size: int) -> None:
+    """A non-zero rank: run every batch rank 0 broadcasts, until its shutdown message."""
+    from mtnlg.inference.serving import receive
+
+    while True:
+        kind, requests = receive()
+        if kind == "stop":
+            return
+        if kind == "generate":
+            engine.generate(requests, batch_size=batch_size)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""The HTTP server on 127.0.0.1: concurrent requests from a real client (httpx) all answered,
+greedy completions equal to generate.py's and to transformers', bad requests refused with 4xx
+while it keeps serving; once as one process, once at PP2 through the deepspeed launcher."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from mtnlg.checkpoint.convert import hf_to_mtnlg
+from mtnlg.data.tokenizer import GPT2BPETokenizer
+from tests.helpers.dist import free_port
+from tests.inference.gen_helpers import ROOT, hf_greedy
+
+SERVER = str(ROOT / "mtnlg" / "inference" / "server.py")
+GENERATE = str(ROOT / "mtnlg" / "generate.py")
+TEXTS = ["To be, or not to be", "Hello", "The king is dead; long live the", "O Romeo"]
+NEW = 8
+
+
+def _env():
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+@contextlib.contextmanager
+def serving(cmd: list[str], cwd, timeout: float = 120.0):
+    """Start the server command in its own process group; (URL, process) once /health answers."""
+    log = open(cwd / "server.log", "w+")  # noqa: SIM115 - read back on failure
+    proc = subprocess.Popen(
+        cmd, env=_env(), cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail(f"server did not start (rc {proc.returncode}):\n{log.read()[-4000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.5)
+        yield url, proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def setup(hf_model, tmp_path_factory):
+    """(tmp dir, tokenizer, ckpt TP1, ckpt PP2, generate.py's greedy rows, transformers' tokens)."""
+    folder, model = hf_model
+    tmp = tmp_path_factory.mktemp("server")
+    hf_to_mtnlg(str(folder), str(tmp / "ckpt"), tp=1, pp=1)
+    hf_to_mtnlg(str(folder), str(tmp / "ckpt_pp2"), tp=1, pp=2)
+    (tmp / "prompts.jsonl").write_text("".join(json.dumps({"prompt": t}) + "\n" for t in TEXTS))
+    cmd = [sys.executable, GENERATE, "--load", str(tmp / "ckpt"), "--prompts-file"]
+    cmd += [str(tmp / "prompts.jsonl"), "--greedy", "--max-new-tokens", str(NEW)]
+    cmd += ["--output-jsonl", str(tmp / "gen.jsonl")]
+    proc = subprocess.run(cmd, env=_env(), cwd=tmp, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp / "gen.jsonl").read_text().splitlines()]
+    tok = GPT2BPETokenizer(folder / "vocab.json", folder / "merges.txt")
+    hf = [hf_greedy(model, tok.tokenize(t), NEW) for t in TEXTS]
+    return tmp, tok, rows, hf
+
+
+def _complete(client: httpx.Client, url: str, prompt, **kw) -> httpx.Response:
+    body = {"prompt": prompt, "max_tokens": NEW, "temperature": 0, **kw}
+    return client.post(url + "/v1/completions", json=body, timeout=120)
+
+
+def _check_concurrent(url: str, rows, hf) -> None:
+    """Eight requests at once (single prompts and one list); each equals the references."""
+    jobs = [TEXTS[i % len(TEXTS)] for i in range(7)] + [TEXTS]
+    with httpx.Client() as client, ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(lambda p: _complete(client, url, p), jobs))
+        for prompt, r in zip(jobs, answers):
+            assert r.status_code == 200, r.text
+            out = r.json()
+            assert out["object"] == "text_completion" and out["id"].startswith("cmpl-")
+            prompts = prompt if isinstance(prompt, list) else [prompt]
+            assert [c["index"] for c in out["choices"]] == list(range(len(prompts)))
+            for p, c in zip(prompts, out["choices"]):
+                ref = rows[TEXTS.index(p)]
+                assert c["text"] == ref["text"]  # generate.py's greedy text
+                assert c["finish_reason"] == ("length" if len(ref["tokens"]) == NEW else "stop")
+            n_out = sum(len(rows[TEXTS.index(p)]["tokens"]) for p in prompts)
+            assert out["usage"]["completion_tokens"] == n_out
+            usage = out["usage"]
+            assert usage["total_tokens"] == usage["prompt_tokens"] + n_out
+        # Megatron's PUT /api: prompt + continuation, and transformers' tokens
+        r = client.put(url + "/api", json={"prompts": TEXTS, "tokens_to_generate": NEW, "top_k": 1})
+        assert r.status_code == 200, r.text
+        assert r.json()["tokens"] == hf
+        assert r.json()["text"] == [t + row["text"] for t, row in zip(TEXTS, rows)]
+
+
+BAD = [
+    ('{"prompt": "a", "max_tokens": 4', "not valid JSON"),
+    ({"prompt": "", "max_tokens": 4}, "non-empty"),
+    ({"prompt": ["a", ""], "max_tokens": 4}, "non-empty"),
+    ({"prompt": "a", "max_tokens": 4000}, "max_position_embeddings (64)"),
+    ({"prompt": "a", "max_tokens": 4, "frequency_penalty": 1}, "frequency_penalty: Extra inputs"),
+    ({"prompt": "a", "n": 0}, "n: Input should be greater than or equal to 1"),
+    ({"prompt": "a", "top_p": 0}, "top_p"),
+    ({"prompt": "a", "temperature": -1}, "temperature"),
+    ({"prompt": "a", "stream": True}, "stream=true is not supported"),
+    ({"prompt": "a", "seed": 2**64}, "seed"),
+    ({"prompt": ["a"] * 65, "n": 2}, "exceeds 128"),
+]
+
+
+def test_server_one_process(setup):
+    tmp, tok, rows, hf = setup
+    port = free_port()
+    cmd = [sys.executable, "-m", "mtnlg.inference.server", "--load", str(tmp / "ckpt")]
+    cmd += ["--port", str(port), "--log-level", "warning"]
+    with serving(cmd, tmp) as (url, proc):
+        _check_concurrent(url, rows, hf)
+        with httpx.Client() as client:
+            for body, message in BAD:
+                kw = {"json": body}
+                if isinstance(body, str):  # raw bytes, declared as JSON
+                    kw = {"content": body, "headers": {"content-type": "application/json"}}
+                r = client.post(url + "/v1/completions", timeout=60, **kw)
+                assert 400 <= r.status_code < 500, (body, r.text)
+                assert message in r.json()["error"]["message"], (body, r.text)
+            r = client.put(url + "/api", json={"prompts": ["a"], "max_len": 4})
+            assert r.status_code == 400 and "max_len" in r.text
+            r = _complete(client, url, "a", model="another")
+            assert r.status_code == 404 and "not served" in r.text
+            # still serving, and the model card names the checkpoint
+            assert _complete(client, url, TEXTS[0]).json()["choices"][0]["text"] == rows[0]["text"]
+            card = client.get(url + "/v1/models").json()["data"][0]
+            assert card["id"] == "ckpt" and card["max_model_len"] == 64
+            # sampling with a seed is reproducible
+            kw = {"temperature": 0.9, "top_k": 20, "seed": 3, "n": 2}
+            a, b = (_complete(client, url, "Hello", **kw).json()["choices"] for _ in range(2))
+            assert [c["text"] for c in a] == [c["text"] for c in b]
+        proc.send_signal(signal.SIGTERM)  # a clean shutdown
+        assert proc.wait(timeout=30) == 0
+
+
+def test_server_pp2_through_deepspeed_launcher(setup):
+    tmp, tok, rows, hf = setup
+    hostfile = tmp / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile)]
+    cmd += ["--no_ssh_check", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    cmd += [SERVER, "--load", str(tmp / "ckpt_pp2"), "--port", str(free_port())]
+    cmd += ["--log-level", "warning", "--batch-size", "3"]
+    with serving(cmd, tmp, timeout=180) as (url, _):
+        _check_concurrent(url, rows, hf)
+        r = httpx.post(url + "/v1/completions", json={"prompt": "a", "max_tokens": 4000})
+        assert r.status_code == 400  # refused on rank 0; the other rank never sees it
+        assert (
+            _complete(httpx.Client(), url, "Hello").json()["choices"][0]["text"]
+            == (rows[1]["text"])
+        )
+
+
+FAILING = """
+import os, sys
+sys.path.insert(0, {root!r})
+from mtnlg.inference import engine
+real = engine.InferenceEngine.generate
+
+def generate(self, requests, **kw):  # rank 0 fails mid-way on the requests asking for 7 tokens
+    if os.environ["RANK"] == "0" and requests[0].params.max_new_tokens == 7:
+        raise RuntimeError("injected failure")
+    return real(self, requests, **kw)
+
+engine.InferenceEngine.generate = generate
+from mtnlg.inference.server import main
+main([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
+"""
+
+
+def test_generation_failure_stops_every_rank(setup):
+    """A failure inside generation on rank 0 (after the broadcast: rank 1 already generates)
+    answers 500 and ends the whole launch with an error instead of leaving rank 1 hanging."""
+    tmp, _, rows, _ = setup
+    script = tmp / "failing_server.py"
+    script.write_text(FAILING.format(root=str(ROOT)))
+    hostfile = tmp / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile)]
+    cmd += ["--no_ssh_check", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    cmd += [str(script), "--load", str(tmp / "ckpt_pp2"), "--port", str(free_port())]
+    with serving(cmd, tmp, timeout=180) as (url, _):
+        with httpx.Client() as client:
+            assert _complete(client, url, "Hello").json()["choices"][0]["text"] == rows[1]["text"]
+            r = _complete(client, url, "Hello", max_tokens=7)
+            assert r.status_code == 500 and "injected failure" in r.text
+        log = tmp / "server.log"
+        deadline = time.monotonic() + 60
+        while "exits with return code = 1" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
