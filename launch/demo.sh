@@ -51,9 +51,9 @@ if [ -f mtnlg/distill.py ] && [ -d mtnlg/checkpoint ]; then
   bash launch/demo_distill.sh "$OUT" "$DATA"
 fi
 
-echo "== 6/6 generate from the checkpoint at TP=2 x PP=2 (mtnlg/generate.py, KV cache, greedy)"
+echo "== 6/6 generate from the checkpoint at TP=2 x PP=2 (mtnlg/generate.py, KV cache, seeded top-k sampling)"
 "${LAUNCH[@]}" --master_port 29614 mtnlg/generate.py --load "$OUT/ckpt" \
-  --prompt "ROMEO:" --greedy --max-new-tokens 32 --output-jsonl "$OUT/gen.jsonl"
+  --prompt "ROMEO:" --temperature 0.8 --top-k 40 --seed 1 --max-new-tokens 48 --output-jsonl "$OUT/gen.jsonl"
 "$PY" -c 'import json, sys; r = json.loads(open(sys.argv[1]).readline()); print(r["prompt"] + r["text"])' \
   "$OUT/gen.jsonl"
 echo "demo done: $OUT/loss.png, $OUT/ckpt, $OUT/eval.json, $OUT/gen.jsonl"
