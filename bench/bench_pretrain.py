@@ -136,22 +136,14 @@ def plain_loop(args):
     """The plain-PyTorch loop: same shape, same batches, AdamW + clipping; ``step(k)`` times one."""
     import torch
 
+    from bench.bench_model import shape
     from bench.reference_gpt import ReferenceGPT
-    from mtnlg.config import ModelConfig
     from mtnlg.data.gpt_dataset import build_train_valid_test_datasets
     from mtnlg.data.tokenizer import build_tokenizer
     from mtnlg.training.data import rank_micro_batches
 
     tok = build_tokenizer("GPT2BPETokenizer", str(GPT2_VOCAB), str(GPT2_MERGES), None)
-    cfg = ModelConfig(
-        num_layers=args.layers,
-        hidden_size=args.hidden,
-        num_attention_heads=args.heads,
-        seq_length=args.seq,
-        vocab_size=tok.vocab_size,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-    )
+    cfg = shape(argparse.Namespace(**vars(args), vocab=tok.vocab_size))  # no dropout
     train_ds, _, _ = build_train_valid_test_datasets(
         data_path=[args.prefix],
         split=SPLIT,

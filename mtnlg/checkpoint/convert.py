@@ -109,7 +109,7 @@ def hf_to_mtnlg(
 
     reader = HFReader(input)
     cfg = config_from_hf(reader.config, make_vocab_size_divisible_by)
-    _check_layout(cfg, tp, pp)
+    check_layout(cfg, tp, pp)
     reader.check_tied_head()
     extra = sorted(set(reader.names()) - set(rules.expected_names(cfg)))
     if extra:
@@ -155,7 +155,7 @@ def reshard(
     that cannot be carried is refused unless ``weights_only`` (``--weights-only``)."""
     ckpt = DSCheckpoint(input, tag)
     cfg = ckpt.cfg
-    _check_layout(cfg, tp, pp)
+    check_layout(cfg, tp, pp)
     dp = dp or ckpt.dp
     with_opt = ckpt.has_optimizer and not weights_only
     if not with_opt:
@@ -175,7 +175,8 @@ def reshard(
     return cfg
 
 
-def _check_layout(cfg: ModelConfig, tp: int, pp: int) -> None:
+def check_layout(cfg: ModelConfig, tp: int, pp: int) -> None:
+    """``cfg`` can be split TP x PP ways (heads, hidden, vocabulary, FFN, layers); else CheckpointError."""
     from mtnlg.distributed.topology import ParallelConfigError, ParallelDims
 
     try:

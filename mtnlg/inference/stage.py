@@ -127,14 +127,9 @@ def load_stage(
 
 
 def _check_layout(cfg: ModelConfig, tp: int, pp: int, path) -> None:
-    from mtnlg.distributed.topology import ParallelConfigError, ParallelDims
+    from mtnlg.checkpoint.convert import check_layout
 
     try:
-        ParallelDims(world_size=tp * pp, tp=tp, pp=pp).validate_model(
-            num_layers=cfg.num_layers,
-            hidden_size=cfg.hidden_size,
-            num_attention_heads=cfg.num_attention_heads,
-            vocab_size=cfg.padded_vocab_size(tp),
-        )
-    except ParallelConfigError as e:
+        check_layout(cfg, tp, pp)
+    except CheckpointError as e:
         raise SystemExit(f"error: --load {path}: {e}") from None
