@@ -1,9 +1,12 @@
-"""Evaluate an mtnlg checkpoint: mean NLL and perplexity on a validation split or a text file.
+"""Evaluate an mtnlg checkpoint: perplexity, or Megatron-LM's zero-shot WikiText / LAMBADA.
 
-    deepspeed --hostfile H mtnlg/evaluate.py --load CKPT --text-file wiki.test.raw \\
-        --output-json ppl.json
+    deepspeed --hostfile H mtnlg/evaluate.py --load CKPT --task wikitext \\
+        --text-file wiki.test.tokens --output-json wikitext.json
+    deepspeed --hostfile H mtnlg/evaluate.py --load CKPT --task lambada --strict-lambada \\
+        --data-path lambada_test.jsonl --output-json lambada.json --output-jsonl per_example.jsonl
 
 Runs with the TP x PP it was saved with (or more processes: extra ones are data parallel).
+Details: docs/evaluation.md.
 """
 
 import os

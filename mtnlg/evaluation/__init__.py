@@ -1,1 +1,1 @@
-"""Evaluation: perplexity of a checkpoint on a validation split or a text file."""
+"""Evaluation: perplexity, Megatron-LM's zero-shot WikiText and LAMBADA, an lm-eval model."""

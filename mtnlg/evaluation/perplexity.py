@@ -53,30 +53,40 @@ MICRO_BATCHES_PER_CALL = 32
 """Micro-batches per ``eval_batch`` call: the pipeline fills once for all of them."""
 
 
-def _micro_batch(windows: list[np.ndarray], micro: int, seq_length: int):
-    """(m, s) input ids, labels and loss mask for up to ``micro`` windows (padding masked out)."""
+def _micro_batch(windows: list[np.ndarray], skips: list[int], micro: int, seq_length: int):
+    """(m, s) input ids, labels and loss mask for up to ``micro`` windows: a window's first
+    ``skip`` targets (context only) and the padding are masked out."""
     ids = torch.zeros(micro, seq_length, dtype=torch.long)
     labels = torch.zeros(micro, seq_length, dtype=torch.long)
     mask = torch.zeros(micro, seq_length, dtype=torch.float32)
-    for row, window in enumerate(windows):
+    for row, (window, skip) in enumerate(zip(windows, skips, strict=True)):
         n, t = len(window) - 1, torch.from_numpy(window)
-        ids[row, :n], labels[row, :n], mask[row, :n] = t[:-1], t[1:], 1.0
+        ids[row, :n], labels[row, :n], mask[row, skip:n] = t[:-1], t[1:], 1.0
     return ids, labels, mask
 
 
-def _micro_batches(windows: list[np.ndarray], n: int, micro: int, seq_length: int):
+def _micro_batches(windows: list[np.ndarray], skips: list[int], n: int, micro: int, seq: int):
     """``n`` micro-batches of ``windows``, the last ones padded with empty rows."""
     for i in range(n):
-        yield _micro_batch(windows[i * micro : (i + 1) * micro], micro, seq_length)
+        part = slice(i * micro, (i + 1) * micro)
+        yield _micro_batch(windows[part], skips[part], micro, seq)
 
 
 @torch.no_grad()
 def evaluate_windows(
-    engine, topo, windows: list[np.ndarray], seq_length: int, micro_batch: int = 1
+    engine,
+    topo,
+    windows: list[np.ndarray],
+    seq_length: int,
+    micro_batch: int = 1,
+    skips: list[int] | None = None,
+    progress: bool = False,
 ) -> dict:
     """Sum NLL and count targets over ``windows`` (split across DP ranks); all ranks agree.
 
-    Each micro-batch's loss is the mean NLL over its targets, so ``loss x targets`` is its NLL
+    ``skips[i]``: how many leading targets of window ``i`` are context only (default none);
+    ``progress``: a tqdm bar on global rank 0. The result also holds ``nll_sum``. Each
+    micro-batch's loss is the mean NLL over its targets, so ``loss x targets`` is its NLL
     sum; sums and counts (never means) are reduced, in float64 on the engine's device: over the
     pipeline (only the last stage has losses) and over DP. TP ranks hold the same loss.
     """
@@ -86,14 +96,20 @@ def evaluate_windows(
     engine.eval()
     dev = engine.device
     nll = torch.zeros(2, dtype=torch.float64, device=dev)  # (sum of NLL, number of targets)
-    mine = windows[topo.dp_rank :: topo.dp]
+    skips = [0] * len(windows) if skips is None else skips
+    if len(skips) != len(windows):
+        raise ValueError(f"{len(skips)} skips for {len(windows)} windows")
+    mine, my_skips = windows[topo.dp_rank :: topo.dp], skips[topo.dp_rank :: topo.dp]
     # every DP rank runs the same number of micro-batches (empty rows count no target)
     n_micro = math.ceil(math.ceil(len(windows) / topo.dp) / micro_batch)
-    batches = _micro_batches(mine, n_micro, micro_batch, seq_length)
+    batches = _micro_batches(mine, my_skips, n_micro, micro_batch, seq_length)
     per_call = MICRO_BATCHES_PER_CALL if pipe else 1
+    bar = progress_bar(n_micro * micro_batch * topo.dp, "windows", progress and topo.rank == 0)
     for first in range(0, n_micro, per_call):
         k = min(per_call, n_micro - first)
         chunk = [next(batches) for _ in range(k)]
+        if bar is not None:
+            bar.update(k * micro_batch * topo.dp)
         counts = torch.tensor([float(m.sum()) for _, _, m in chunk], dtype=torch.float64)
         if pipe:
             data = [(ids, (labels, mask)) for ids, labels, mask in chunk]
@@ -115,14 +131,30 @@ def evaluate_windows(
         dist.all_reduce(nll, group=topo.pp_group)
     if topo.dp > 1:
         dist.all_reduce(nll, group=topo.dp_group)
+    if bar is not None:
+        bar.close()
     total, count = nll.tolist()
     loss = total / max(count, 1.0)
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(count)}
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(count), "nll_sum": total}
 
 
-def write_json(path: str, result: dict) -> None:
+def progress_bar(total: int, unit: str, enabled: bool):
+    """A tqdm bar (to stderr) when ``enabled`` (pass ``rank == 0``), else None."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="evaluate", unit=unit, dynamic_ncols=True)
+
+
+def atomic_write(path: str, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, p)
+
+
+def write_json(path: str, result: dict) -> None:
+    atomic_write(path, json.dumps(result, indent=2) + "\n")

@@ -128,6 +128,8 @@ def add_checkpoint_logging_args(p: argparse.ArgumentParser) -> None:
 def build_parser(description: str) -> argparse.ArgumentParser:
     import deepspeed
 
+    from mtnlg.evaluation.tasks import add_eval_task_args
+
     p = argparse.ArgumentParser(description=description, allow_abbrev=False)
     for add in (
         add_model_args,
@@ -135,6 +137,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         add_data_args,
         add_training_args,
         add_checkpoint_logging_args,
+        add_eval_task_args,
     ):
         add(p)
     deepspeed.add_config_arguments(p)

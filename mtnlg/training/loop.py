@@ -120,8 +120,12 @@ def train(
     tokenizer=None,
     logger: MetricsLogger | None = None,
     peak_tflops: float | None = None,
+    eval_tasks: list | None = None,
 ) -> Progress:
-    """Run until ``loop.train_iters`` (or ``exit_interval``); returns the final progress."""
+    """Run until ``loop.train_iters`` (or ``exit_interval``); returns the final progress.
+
+    ``eval_tasks``: prepared zero-shot tasks (``mtnlg.evaluation.tasks``) run at every
+    ``eval_interval`` and logged as ``"tasks"`` records."""
     train_ds, valid_ds, _ = datasets
     rank0 = topo.rank == 0
     bar = None
@@ -198,14 +202,7 @@ def train(
             if logger is not None:
                 logger.log_train(progress.iteration, fields)
             window_t, window_tokens, window_flops = time.perf_counter(), 0, 0.0
-        if (
-            loop.eval_interval
-            and valid_ds is not None
-            and (
-                progress.iteration % loop.eval_interval == 0
-                or progress.iteration == loop.train_iters
-            )
-        ):
+        if valid_ds is not None and _eval_due(loop, progress.iteration):
             vl = eval_loss(engine, topo, valid_ds, loop, ramp.global_batch_size)
             fields = {
                 "val_loss": vl,
@@ -220,6 +217,8 @@ def train(
                 (bar.write if bar is not None else print)(msg)
             if logger is not None:
                 logger.log_eval(progress.iteration, fields)
+        if eval_tasks and _eval_due(loop, progress.iteration):
+            _run_eval_tasks(engine, topo, eval_tasks, loop, progress, logger, bar)
         if loop.save_interval and progress.iteration % loop.save_interval == 0:
             save()
         if loop.exit_interval and progress.iteration >= loop.exit_interval:
@@ -229,6 +228,24 @@ def train(
     if bar is not None:
         bar.close()
     return progress
+
+
+def _eval_due(loop: LoopConfig, iteration: int) -> bool:
+    interval = loop.eval_interval
+    return bool(interval) and (iteration % interval == 0 or iteration == loop.train_iters)
+
+
+def _run_eval_tasks(engine, topo, tasks, loop, progress, logger, bar) -> None:
+    from mtnlg.evaluation.tasks import evaluate_tasks
+
+    fields = evaluate_tasks(engine, topo, tasks, loop.micro_batch)
+    if topo.rank == 0:
+        msg = f"zero-shot tasks at iteration {progress.iteration} | " + " | ".join(
+            f"{k} {v:.4f}" for k, v in fields.items()
+        )
+        (bar.write if bar is not None else print)(msg)
+    if logger is not None:
+        logger.log_tasks(progress.iteration, fields)
 
 
 def _progress_dict(p: Progress) -> dict:

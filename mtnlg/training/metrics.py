@@ -4,6 +4,7 @@ The metrics file holds one JSON object per logged iteration or evaluation::
 
     {"kind": "train", "iteration": 10, "consumed_samples": 640, "loss": 5.12, "lr": 1e-4, ...}
     {"kind": "eval", "iteration": 100, "val_loss": 4.9, "val_ppl": 134.3}
+    {"kind": "tasks", "iteration": 100, "lambada_accuracy": 0.21, "wikitext_adjusted_ppl": 80.1}
 
 It is opened in append mode, so a resumed run continues it; ``drop_superseded`` removes the
 records a crash-and-resume repeated. Non-finite floats are written as Python's ``NaN`` /
@@ -99,6 +100,10 @@ class MetricsLogger:
     def log_eval(self, iteration: int, fields: dict) -> None:
         """Record one evaluation (val_loss, val_ppl, ...)."""
         self._log("eval", iteration, fields)
+
+    def log_tasks(self, iteration: int, fields: dict) -> None:
+        """Record zero-shot task results (``--eval-tasks``); TensorBoard tags ``tasks/<field>``."""
+        self._log("tasks", iteration, fields)
 
     def _log(self, kind: str, iteration: int, fields: dict) -> None:
         if not self.enabled:

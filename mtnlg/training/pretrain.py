@@ -14,6 +14,7 @@ import torch.distributed as dist
 from mtnlg.config import ModelConfig
 from mtnlg.distributed.init import init_distributed, shutdown
 from mtnlg.distributed.topology import ParallelConfigError, ParallelDims, Topology
+from mtnlg.evaluation.tasks import prepare_eval_tasks
 from mtnlg.training import checkpointing
 from mtnlg.training.arguments import build_parser, model_config_from_args
 from mtnlg.training.data import build_datasets, check_data_path
@@ -87,6 +88,7 @@ def _run(args: argparse.Namespace) -> Progress:
         ramp, train_iters, schedule = schedules(args, batch, dims)
         ds_config = resolve_ds_config(args, dims, batch)
         check_data_path(args.data_path)
+        eval_tasks = prepare_eval_tasks(args, tokenizer, model_cfg.seq_length)
     except (ParallelConfigError, ValueError) as e:
         raise _user_error(e) from None
 
@@ -132,6 +134,7 @@ def _run(args: argparse.Namespace) -> Progress:
             tokenizer=tokenizer,
             logger=logger,
             peak_tflops=args.peak_tflops,
+            eval_tasks=eval_tasks,
         )
     finally:
         logger.close()

@@ -1,0 +1,39 @@
+"""An evaluation engine: a checkpoint loaded, weights only, into DeepSpeed at a TP x PP (+DP)."""
+
+from __future__ import annotations
+
+from mtnlg.config import ModelConfig
+from mtnlg.distributed.topology import Topology
+from mtnlg.training import checkpointing
+from mtnlg.training.setup import build_engine
+
+
+def eval_engine(
+    cfg: ModelConfig,
+    topo: Topology,
+    load_dir: str,
+    micro_batch: int = 1,
+    bf16: bool = False,
+    seed: int = 1234,
+):
+    """The engine ``build_engine(training=False)`` gives (pipeline engine at PP > 1), with the
+    newest checkpoint in ``load_dir`` loaded (no optimizer state); fp32 unless ``bf16``."""
+    ds_config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch * topo.dp,
+        "steps_per_print": 10**9,
+    }
+    if bf16:
+        ds_config["bf16"] = {"enabled": True}
+    engine = build_engine(
+        cfg,
+        topo,
+        ds_config,
+        seed=seed,
+        checkpoint_activations=False,
+        weight_decay=0.0,
+        training=False,
+    )
+    checkpointing.load(engine, topo, load_dir, load_optimizer=False)
+    return engine
