@@ -68,6 +68,7 @@ def mtnlg_to_hf(
 ) -> ModelConfig:
     """Any TP/PP checkpoint -> GPT2LMHeadModel folder. A Hugging Face folder holds weights only:
     a checkpoint with optimizer state needs ``weights_only=True`` (``--weights-only``)."""
+    from mtnlg.checkpoint.classification import export_classifier, is_classifier
     from mtnlg.checkpoint.hf import (
         HFShardWriter,
         hf_config_dict,
@@ -76,6 +77,8 @@ def mtnlg_to_hf(
         write_hf_tokenizer,
     )
 
+    if is_classifier(input, tag):  # finetune.py's classifiers: GPT2ForSequenceClassification
+        return export_classifier(input, output, tag, dtype, weights_only)
     ckpt = DSCheckpoint(input, tag)
     drop_optimizer_state(ckpt, weights_only, "a Hugging Face folder cannot hold")
     cfg, tokenizer = ckpt.cfg, ckpt.tokenizer()

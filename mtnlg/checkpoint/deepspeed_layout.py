@@ -169,8 +169,7 @@ class DSCheckpoint:
             tensors = list(safe_load(layer_file(self.dir, 1, 0)).values())
         return tensors[0].dtype if tensors else torch.float32
 
-    def _check_files(self) -> None:
-        found = {p.name for p in self.dir.glob("*model_states.pt")}
+    def _expected_files(self) -> set[str]:
         want = {model_file(self.dir, m).name for m in range(self.tp * self.pp)}
         if self.pp > 1:
             want |= {
@@ -178,6 +177,11 @@ class DSCheckpoint:
                 for idx in range(self.cfg.num_layers + 2)
                 for r in range(self.tp)
             }
+        return want
+
+    def _check_files(self) -> None:
+        found = {p.name for p in self.dir.glob("*model_states.pt")}
+        want = self._expected_files()
         missing, extra = sorted(want - found), sorted(found - want)
         if missing:
             raise CheckpointError(

@@ -39,6 +39,7 @@ TP_RULES: list[tuple[re.Pattern, str]] = [
     (re.compile(r"^layers\.\d+\.mlp\.down\.weight$"), "row"),
     (re.compile(r"^layers\.\d+\.mlp\.down\.bias$"), "replicated"),
     (re.compile(r"^final_norm\.(weight|bias)$"), "replicated"),
+    (re.compile(r"^score\.weight$"), "replicated"),  # classification head (finetuning)
 ]
 
 # kind -> (partition dim, stride); None for replicated tensors

@@ -4,7 +4,10 @@
         --tokenizer-type GPT2BPETokenizer --vocab-file data/gpt2/gpt2-vocab.json \\
         --merge-file data/gpt2/gpt2-merges.txt --append-eod --workers 8
 
-writes ``data/my_text_document.bin/.idx``. Batches of documents are encoded by ``--workers``
+writes ``data/my_text_document.bin/.idx``. ``--hf-dataset PATH_OR_NAME [--hf-split SPLIT]`` reads
+a Hugging Face dataset instead of ``--input`` (a ``save_to_disk`` folder, local data files
+``datasets.load_dataset`` reads, or a hub name when online), streamed, with the same output as
+the same records given as JSON lines. Batches of documents are encoded by ``--workers``
 threads in the Rust tokenizer (the GIL is released) while the main thread parses input and
 writes results in order, so the output is the same for any number of workers.
 """
@@ -26,7 +29,7 @@ import numpy as np
 
 from mtnlg.data.errors import DataError
 from mtnlg.data.indexed_dataset import MMapIndexedDatasetBuilder, best_fitting_dtype
-from mtnlg.data.readers import ReadStats, expand_inputs, iter_documents
+from mtnlg.data.readers import ReadStats, expand_inputs, iter_documents, iter_hf_documents
 from mtnlg.data.tokenizer import TOKENIZER_TYPES, Tokenizer, build_tokenizer
 
 
@@ -35,7 +38,8 @@ class PreprocessConfig:
     """What to tokenize and where to write it."""
 
     input: list[str]
-    """Input files or globs (JSON lines, ``.jsonl.gz``, JSON array, parquet, csv, txt)."""
+    """Input files or globs (JSON lines, ``.jsonl.gz``, JSON array, parquet, csv, txt); empty
+    when ``hf_dataset`` is given."""
     output_prefix: str
     """Each key ``k`` is written to ``{output_prefix}_{k}_document.bin/.idx``."""
     tokenizer: Tokenizer
@@ -52,8 +56,16 @@ class PreprocessConfig:
     """Count and skip malformed records instead of stopping at the first one."""
     batch_bytes: int = 1 << 20
     """Approximate input bytes per encoding batch."""
+    hf_dataset: str | None = None
+    """A Hugging Face dataset read instead of ``input`` (see ``readers.iter_hf_rows``)."""
+    hf_split: str | None = None
+    """Its split (optional when it has exactly one)."""
 
     def __post_init__(self):
+        if bool(self.input) == (self.hf_dataset is not None):
+            raise DataError("give either --input or --hf-dataset (exactly one)")
+        if self.hf_split is not None and self.hf_dataset is None:
+            raise DataError("--hf-split needs --hf-dataset")
         if self.workers < 1:
             raise DataError(f"--workers must be >= 1, got {self.workers}")
         if not self.json_keys:
@@ -132,14 +144,19 @@ def preprocess(cfg: PreprocessConfig, log=None) -> PreprocessStats:
     Progress and the summary go to ``log`` (default ``sys.stderr``).
     """
     log = sys.stderr if log is None else log
-    paths = expand_inputs(cfg.input)
+    paths = expand_inputs(cfg.input) if cfg.input else []
     tok = cfg.tokenizer
     dtype = best_fitting_dtype(tok.vocab_size)
     stats, read_stats = PreprocessStats(), ReadStats()
     prefixes = [f"{cfg.output_prefix}_{k}_document" for k in cfg.json_keys]
     start = time.perf_counter()
     next_log = [cfg.log_interval]  # mutable for write_one
-    docs = iter_documents(paths, cfg.json_keys, read_stats, cfg.skip_bad_lines)
+    if cfg.hf_dataset is not None:
+        docs = iter_hf_documents(
+            cfg.hf_dataset, cfg.hf_split, cfg.json_keys, read_stats, cfg.skip_bad_lines
+        )
+    else:
+        docs = iter_documents(paths, cfg.json_keys, read_stats, cfg.skip_bad_lines)
     with contextlib.ExitStack() as stack:
         builders = [stack.enter_context(MMapIndexedDatasetBuilder(p, dtype)) for p in prefixes]
         stack.enter_context(_single_threaded_rust_tokenizer())
@@ -199,8 +216,16 @@ def _log_summary(stats: PreprocessStats, read_stats: ReadStats, log) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     g = p.add_argument_group("input data")
-    g.add_argument("--input", nargs="+", required=True, help="files or globs")
-    g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", nargs="+", help="files or globs")
+    src.add_argument(
+        "--hf-dataset",
+        metavar="PATH_OR_NAME",
+        help="a Hugging Face dataset instead of --input: a save_to_disk folder, local data "
+        "files/folder datasets.load_dataset reads, or a hub name (online); streamed",
+    )
+    g.add_argument("--hf-split", help="split of --hf-dataset (needed if it has several)")
+    g.add_argument("--json-keys", nargs="+", default=["text"], help="keys (columns) to tokenize")
     g.add_argument("--skip-bad-lines", action="store_true", help="count and skip bad records")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
@@ -225,7 +250,9 @@ def run(argv: list[str] | None = None) -> PreprocessStats:
             args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model
         )
         cfg = PreprocessConfig(
-            input=args.input,
+            input=args.input or [],
+            hf_dataset=args.hf_dataset,
+            hf_split=args.hf_split,
             output_prefix=args.output_prefix,
             tokenizer=tok,
             json_keys=args.json_keys,

@@ -1,6 +1,7 @@
 """Document readers for preprocessing: JSON lines (optionally gzipped), JSON arrays, parquet,
-CSV and plain text. Each yields ``(texts, nbytes)``: one string per requested key, and the
-input size of the record, and raises ``DataError`` naming file and line for bad records.
+CSV, plain text and Hugging Face ``datasets``. Each yields ``(texts, nbytes)``: one string per
+requested key, and the input size of the record, and raises ``DataError`` naming file and line
+(or dataset row) for bad records.
 """
 
 from __future__ import annotations
@@ -84,6 +85,16 @@ def _pick(record, keys: list[str]) -> list[str] | str:
     return out
 
 
+def parse_json_line(raw: bytes) -> tuple[object, str | None]:
+    """``(value, None)`` for one line of JSON lines, or ``(None, what is wrong with it)``."""
+    try:
+        return json.loads(raw.decode("utf-8")), None
+    except UnicodeDecodeError as e:
+        return None, f"invalid UTF-8 ({e.reason} at byte {e.start})"
+    except json.JSONDecodeError as e:
+        return None, f"malformed JSON ({e.msg} at column {e.colno})"
+
+
 def _read_json(path: Path, keys, stats, skip) -> Iterator[tuple[list[str], int]]:
     with _open_binary(path) as f:
         head = f.read(1 << 12).lstrip()
@@ -104,13 +115,9 @@ def _read_json(path: Path, keys, stats, skip) -> Iterator[tuple[list[str], int]]
             if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                _bad(stats, skip, where, f"invalid UTF-8 ({e.reason} at byte {e.start})")
-                continue
-            except json.JSONDecodeError as e:
-                _bad(stats, skip, where, f"malformed JSON ({e.msg} at column {e.colno})")
+            rec, err = parse_json_line(raw)
+            if err is not None:
+                _bad(stats, skip, where, err)
                 continue
             texts = _pick(rec, keys)
             if isinstance(texts, str):
@@ -171,6 +178,113 @@ def _read_text(path: Path, keys, stats, skip) -> Iterator[tuple[list[str], int]]
 
 
 READERS = {"json": _read_json, "parquet": _read_parquet, "csv": _read_csv, "text": _read_text}
+
+
+# ---- Hugging Face datasets -------------------------------------------------------------------
+
+# A single local data file given to --hf-dataset: datasets' packaged builder for its suffix.
+HF_FILE_BUILDERS = {
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".ndjson": ("json", {}),
+    ".csv": ("csv", {"na_filter": False}),  # text verbatim: "NA", "null", "" stay strings
+    ".tsv": ("csv", {"sep": "\t", "quoting": csv.QUOTE_NONE, "na_filter": False}),
+    ".parquet": ("parquet", {}),
+    ".arrow": ("arrow", {}),
+    ".txt": ("text", {}),
+}
+_SAVED = ("dataset_dict.json", "state.json")  # what save_to_disk writes (DatasetDict, Dataset)
+
+
+def hf_label(name: str, split: str | None) -> str:
+    """``hf:NAME[split]`` (``hf:NAME`` before the split is known): for messages."""
+    return f"hf:{name}[{split}]" if split else f"hf:{name}"
+
+
+def _pick_split(splits: list[str], split: str | None, name: str) -> str:
+    if split is None:
+        if len(splits) != 1:
+            raise DataError(f"--hf-dataset {name}: choose a split with --hf-split ({splits})")
+        return splits[0]
+    if split not in splits:
+        raise DataError(f"--hf-dataset {name}: no split {split!r} (--hf-split); has {splits}")
+    return split
+
+
+def _disk_rows(ds, batch_size: int) -> Iterator[dict]:
+    """Rows of an Arrow-backed ``Dataset`` (memory-mapped), a batch of columns at a time."""
+    for batch in ds.iter(batch_size=batch_size):
+        cols = list(batch)
+        yield from (dict(zip(cols, vals, strict=True)) for vals in zip(*batch.values()))
+
+
+def _open_hf(name: str, split: str | None, batch_size: int) -> tuple[Iterator[dict], str | None]:
+    """(row iterator, split used); never materializes the dataset as Python objects."""
+    import datasets
+
+    path = Path(name)
+    if path.is_dir() and any((path / f).is_file() for f in _SAVED):
+        ds = datasets.load_from_disk(str(path))  # Arrow files, memory-mapped
+        if isinstance(ds, datasets.DatasetDict):
+            split = _pick_split(list(ds), split, name)
+            ds = ds[split]
+        else:  # one Dataset: its recorded split, else "train" (as datasets names a lone file)
+            split = _pick_split([str(ds.split) if ds.split else "train"], split, name)
+        return _disk_rows(ds, batch_size), split
+    if path.is_file():
+        if path.suffix.lower() not in HF_FILE_BUILDERS:
+            raise DataError(
+                f"--hf-dataset {name}: unknown data file type {path.suffix!r} "
+                f"(one of {', '.join(HF_FILE_BUILDERS)})"
+            )
+        builder, kwargs = HF_FILE_BUILDERS[path.suffix.lower()]
+        split = _pick_split(["train"], split, name)  # datasets calls a lone file "train"
+        ds = datasets.load_dataset(
+            builder, data_files={"train": str(path)}, split=split, streaming=True, **kwargs
+        )
+        return iter(ds), split
+    ds = datasets.load_dataset(name, split=split, streaming=True)  # a data folder or hub name
+    if isinstance(ds, datasets.IterableDatasetDict):
+        split = _pick_split(list(ds), None, name)
+        ds = ds[split]
+    return iter(ds), split
+
+
+def iter_hf_rows(
+    name: str, split: str | None, batch_size: int = 1024
+) -> Iterator[tuple[str, dict]]:
+    """``(where, row)`` for every row of a Hugging Face dataset, streamed, in order.
+
+    ``name``: a folder written by ``save_to_disk`` (read with ``load_from_disk``), a local data
+    file (by suffix) or folder ``datasets.load_dataset`` reads, or a hub name (when online).
+    ``where`` is ``hf:NAME[split]#row`` with the 0-based row index.
+    """
+    try:
+        rows, split = _open_hf(name, split, batch_size)
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types (FileNotFound, ValueError, hub errors)
+        raise DataError(f"--hf-dataset {name}: cannot open: {type(e).__name__}: {e}") from e
+    label = hf_label(name, split)
+    row = 0
+    try:
+        for rec in rows:
+            yield f"{label}#{row}", rec
+            row += 1
+    except Exception as e:  # e.g. a malformed line inside a streamed data file
+        raise DataError(f"{label}: cannot read after {row} rows: {type(e).__name__}: {e}") from e
+
+
+def iter_hf_documents(
+    name: str, split: str | None, keys: list[str], stats: ReadStats, skip: bool = False
+) -> Iterator[tuple[list[str], int]]:
+    """Like :func:`iter_documents` for a Hugging Face dataset (``--hf-dataset``)."""
+    for where, rec in iter_hf_rows(name, split):
+        texts = _pick(rec, keys)
+        if isinstance(texts, str):
+            _bad(stats, skip, where, texts)
+            continue
+        yield texts, sum(len(t) for t in texts)
 
 
 def iter_documents(

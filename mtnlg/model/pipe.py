@@ -57,10 +57,17 @@ class GPTPipe(PipelineModule):
         seed: int = 1234,
         activation_checkpoint_interval: int = 0,
         partition_method: str = "type:TransformerBlock",
+        head: LayerSpec | None = None,
+        loss_fn: torch.nn.Module | None = None,
     ):
+        """``head`` / ``loss_fn`` replace the tied LM head (the last spec) and ``GPTLoss``
+        (e.g. a classification head; the embedding then appears once, on the first stage)."""
+        specs = gpt_layer_specs(cfg, topo.tp_group)
+        if head is not None:
+            specs[-1] = head
         super().__init__(
-            layers=gpt_layer_specs(cfg, topo.tp_group),
-            loss_fn=GPTLoss(topo.tp_group, cfg.vocab_size),
+            layers=specs,
+            loss_fn=loss_fn if loss_fn is not None else GPTLoss(topo.tp_group, cfg.vocab_size),
             topology=topo.ds_topo,
             seed_layers=True,
             seed_fn=seed_everything,

@@ -256,6 +256,23 @@ def configure_activation_checkpointing(topo: Topology, ds_config: dict) -> None:
     )
 
 
+def build_gpt(cfg: ModelConfig, topo: Topology, seed: int, checkpoint_activations: bool):
+    """``GPTPipe`` when PP > 1, else ``GPTModel`` (with DeepSpeed's activation checkpointing)."""
+    import deepspeed
+
+    from mtnlg.model import GPTModel
+    from mtnlg.model.pipe import GPTPipe
+
+    if topo.pp > 1:
+        return GPTPipe(
+            cfg, topo, seed=seed, activation_checkpoint_interval=1 if checkpoint_activations else 0
+        )
+    model = GPTModel(cfg, tp_group=topo.tp_group, seed=seed)
+    if checkpoint_activations:
+        model.checkpoint_fn = deepspeed.checkpointing.checkpoint
+    return model
+
+
 def build_engine(
     cfg: ModelConfig,
     topo: Topology,
@@ -265,26 +282,21 @@ def build_engine(
     checkpoint_activations: bool,
     weight_decay: float,
     training: bool = True,
+    build_model=None,
 ):
-    """The DeepSpeed engine: pipeline engine when PP > 1, else the plain engine (any ZeRO)."""
+    """The DeepSpeed engine: pipeline engine when PP > 1, else the plain engine (any ZeRO).
+
+    ``build_model(cfg, topo, seed, checkpoint_activations)`` replaces :func:`build_gpt` (e.g.
+    a classifier, or weights loaded before DeepSpeed copies them into the optimizer).
+    """
     import deepspeed
 
-    from mtnlg.model import GPTModel
-    from mtnlg.model.pipe import GPTPipe
     from mtnlg.tensor_parallel.random import model_parallel_seed
 
     if checkpoint_activations:
         configure_activation_checkpointing(topo, ds_config)
-    if topo.pp > 1:
-        model = GPTPipe(
-            cfg, topo, seed=seed, activation_checkpoint_interval=1 if checkpoint_activations else 0
-        )
-        kwargs = {}
-    else:
-        model = GPTModel(cfg, tp_group=topo.tp_group, seed=seed)
-        if checkpoint_activations:
-            model.checkpoint_fn = deepspeed.checkpointing.checkpoint
-        kwargs = {"mpu": topo}
+    model = (build_model or build_gpt)(cfg, topo, seed, checkpoint_activations)
+    kwargs = {} if topo.pp > 1 else {"mpu": topo}
     model_parallel_seed(seed, tp_rank=topo.tp_rank, pp_rank=topo.pp_rank)
     if not training:
         ds_config = {k: v for k, v in ds_config.items() if k != "optimizer"}

@@ -1,0 +1,1 @@
+"""Fine-tuning: classification and supervised fine-tuning (SFT) data, losses and driver."""

@@ -1,0 +1,254 @@
+"""The fine-tuning loop: epochs over a list of examples, dev evaluation, best checkpoint.
+
+Each optimizer step is ``mtnlg.training.loop.train_step`` (plain or pipeline engine), the LR
+schedule is pretraining's, logs go through ``MetricsLogger`` and checkpoints through
+``mtnlg.training.checkpointing``. Sample order is a pure function of (number of examples, seed):
+epoch e visits a permutation drawn from ``seed + e``, and global batch k holds samples
+[k G, (k + 1) G) of the concatenated epochs, split over DP ranks and micro-batches exactly as
+in pretraining, so every layout sees the same batches.
+
+Evaluation runs the whole dev set each ``--eval-interval`` iterations and at the end. The best
+evaluation by ``--best-metric`` is saved under ``--save``/best (older best tags removed);
+``--early-stop-patience N`` stops after N evaluations without a lower dev loss.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mtnlg.training import checkpointing
+from mtnlg.training.loop import _grad_norm, _is_pipe, train_step
+from mtnlg.training.metrics import MetricsLogger, format_log_line
+
+HIGHER_IS_BETTER = {"val_accuracy": True, "val_f1": True, "val_loss": False}
+
+
+class TensorTuple(tuple):
+    """A tuple of tensors that moves like one tensor (``.to(device)``): SFT's (labels, loss
+    mask) passes through ``train_step``, which moves a plain engine's targets with ``.to``."""
+
+    def to(self, *args, **kwargs) -> TensorTuple:
+        return TensorTuple(t.to(*args, **kwargs) for t in self)
+
+
+@dataclass
+class Task:
+    """What the loop needs of a task."""
+
+    train: list
+    batch: Callable[[list], tuple]
+    """Examples -> one micro-batch (ids, targets)."""
+    evaluate: Callable | None
+    """(engine, topo) -> {"val_loss": ..., ...} on the whole dev set; None: no dev set."""
+    best_metric: str = "val_loss"
+
+
+@dataclass
+class FinetuneConfig:
+    train_iters: int
+    micro_batch: int
+    global_batch: int
+    seq_length: int
+    seed: int
+    log_interval: int = 10
+    eval_interval: int | None = None
+    save: str | None = None
+    early_stop_patience: int | None = None
+    progress_bar: bool = True
+
+
+@dataclass
+class Outcome:
+    iteration: int = 0
+    consumed_samples: int = 0
+    losses: list = field(default_factory=list)
+    evals: list = field(default_factory=list)
+    """(iteration, metrics) of every evaluation."""
+    best: dict | None = None
+    """{"iteration", "metric", "value", "tag"} of the best evaluation saved."""
+    stopped_early: bool = False
+
+
+class EpochOrder:
+    """Global sample index -> example index: a fresh permutation of the examples per epoch."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._perms = n, seed, {}
+
+    def __getitem__(self, sample: int) -> int:
+        epoch, pos = divmod(sample, self.n)
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng(self.seed + epoch).permutation(self.n)}
+        return int(self._perms[epoch][pos])
+
+
+def rank_micro_indices(order, start: int, gb: int, micro: int, dp: int, dp_rank: int):
+    """This DP rank's micro-batches (lists of example indices) of global batch [start, start+gb):
+    sample j goes to accumulation step j // (dp*micro), DP rank (j // micro) % dp."""
+    out = []
+    for g in range(gb // (micro * dp)):
+        first = start + (g * dp + dp_rank) * micro
+        out.append([order[i] for i in range(first, first + micro)])
+    return out
+
+
+def eval_outputs(engine, topo, batches: list, compute_loss: bool) -> list | None:
+    """Forward-only over this rank's micro-batches: per micro-batch the model's output (no
+    targets: classification logits) or loss; None on ranks that do not hold the output."""
+    if _is_pipe(engine):
+        # DeepSpeed 0.19 sums every forward's output into total_loss, reset only by train_batch:
+        # after a training step its scalar would not take (m, s, C) logits.
+        engine.total_loss = None
+        outs = engine.eval_batch(
+            data_iter=iter(batches),
+            compute_loss=compute_loss,
+            reduce_output=None,
+            bcast_loss=False,
+            num_micro_batches=len(batches),
+        )
+        return outs if topo.is_last_stage else None
+    engine.eval()
+    outs = []
+    with torch.no_grad():
+        for ids, targets in batches:
+            args = (ids.to(engine.device),)
+            if compute_loss:
+                args += (targets.to(engine.device),)
+            outs.append(engine(*args))
+    engine.train()
+    return outs
+
+
+def share_rows(rows: torch.Tensor, have: bool, device) -> torch.Tensor:
+    """Every rank gets the sum of the ``rows`` of the ranks with ``have``: callers place their
+    values at their own rows and zeros elsewhere, one contributor per row, so it is exact."""
+    out = (rows if have else torch.zeros_like(rows)).to(device)
+    dist.all_reduce(out)
+    return out.cpu()
+
+
+def dev_slices(n: int, micro: int, topo) -> tuple[int, list[int]]:
+    """(padded size, first sample of each of this rank's micro-batches) for a dev set of n."""
+    per = micro * topo.dp
+    padded = math.ceil(n / per) * per
+    return padded, [(g * topo.dp + topo.dp_rank) * micro for g in range(padded // per)]
+
+
+def finetune(
+    engine,
+    topo,
+    task: Task,
+    cfg: FinetuneConfig,
+    schedule,
+    meta: dict,
+    tokenizer=None,
+    logger: MetricsLogger | None = None,
+) -> Outcome:
+    """Train ``cfg.train_iters`` iterations (or until early stopping); returns the outcome."""
+    rank0 = topo.rank == 0
+    out = Outcome()
+    order = EpochOrder(len(task.train), cfg.seed)
+    bar = None
+    if rank0 and cfg.progress_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.train_iters, desc="finetune", unit="it", dynamic_ncols=True)
+    say = (bar.write if bar is not None else print) if rank0 else (lambda _msg: None)
+    best_loss, stale = math.inf, 0
+
+    def save(root: str) -> str:
+        progress = {
+            "iteration": out.iteration,
+            "consumed_samples": out.consumed_samples,
+            "consumed_tokens": out.consumed_samples * cfg.seq_length,
+        }
+        return checkpointing.save(
+            engine, topo, root, out.iteration, {**meta, "progress": progress}, tokenizer
+        )
+
+    while out.iteration < cfg.train_iters:
+        lr = schedule.lr_at(out.iteration, out.consumed_samples * cfg.seq_length)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        idx = rank_micro_indices(
+            order, out.consumed_samples, cfg.global_batch, cfg.micro_batch, topo.dp, topo.dp_rank
+        )
+        loss = train_step(engine, topo, [task.batch([task.train[i] for i in ix]) for ix in idx])
+        out.iteration += 1
+        out.consumed_samples += cfg.global_batch
+        out.losses.append((out.iteration, loss))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+        last = out.iteration == cfg.train_iters
+        if out.iteration % cfg.log_interval == 0 or last:
+            fields = {
+                "consumed_samples": out.consumed_samples,
+                "epoch": out.consumed_samples / len(task.train),
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": _grad_norm(engine),
+                "global_batch": cfg.global_batch,
+            }
+            say(format_log_line(out.iteration, cfg.train_iters, fields))
+            if logger is not None:
+                logger.log_train(out.iteration, fields)
+        if task.evaluate is None or not cfg.eval_interval:
+            continue
+        if out.iteration % cfg.eval_interval and not last:
+            continue
+        metrics = task.evaluate(engine, topo)
+        out.evals.append((out.iteration, metrics))
+        say(f"validation at iteration {out.iteration} | " + _format_metrics(metrics))
+        if logger is not None:
+            logger.log_eval(out.iteration, metrics)
+        value = metrics[task.best_metric]
+        if out.best is None or _better(task.best_metric, value, out.best["value"]):
+            tag = save(str(Path(cfg.save) / "best")) if cfg.save else None
+            if tag and rank0:
+                _drop_other_tags(Path(cfg.save) / "best", tag)
+            out.best = {
+                "iteration": out.iteration,
+                "metric": task.best_metric,
+                "value": value,
+                "tag": tag,
+            }
+        if metrics["val_loss"] < best_loss:
+            best_loss, stale = metrics["val_loss"], 0
+        else:
+            stale += 1
+        if cfg.early_stop_patience and stale >= cfg.early_stop_patience and not last:
+            say(
+                f"early stop at iteration {out.iteration}: dev loss has not improved for "
+                f"{stale} evaluations (best {best_loss:.4f})"
+            )
+            out.stopped_early = True
+            break
+    if cfg.save:
+        save(cfg.save)
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def _format_metrics(metrics: dict) -> str:
+    return " | ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in metrics.items())
+
+
+def _better(metric: str, value: float, best: float) -> bool:
+    return value > best if HIGHER_IS_BETTER.get(metric, False) else value < best
+
+
+def _drop_other_tags(root: Path, keep: str) -> None:
+    """Rank 0, after the save's final barrier: older best checkpoints are removed."""
+    for d in root.glob("iter_*"):
+        if d.is_dir() and d.name != keep:
+            shutil.rmtree(d, ignore_errors=True)
