@@ -46,11 +46,10 @@ def val_ppl(metrics_file: Path) -> float:
     return read_metrics(str(metrics_file), "eval")[-1]["val_ppl"]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def add_common_args(p: argparse.ArgumentParser, teacher_iters: int) -> None:
+    """The teacher, data and student flags shared with ``bench_distill_cache.py``."""
     p.add_argument("--teacher", help="an existing teacher (mtnlg checkpoint or HF folder)")
-    p.add_argument("--teacher-iters", type=int, default=300)
-    p.add_argument("--steps", type=int, default=100, help="K: student steps in both runs")
+    p.add_argument("--teacher-iters", type=int, default=teacher_iters)
     p.add_argument("--seq-length", type=int, default=64)
     p.add_argument("--global-batch-size", type=int, default=16)
     p.add_argument("--eval-iters", type=int, default=8)
@@ -59,13 +58,12 @@ def main() -> None:
     p.add_argument("--student-layers", type=int, default=2)
     p.add_argument("--student-hidden", type=int, default=64)
     p.add_argument("--workdir", help="keep outputs here (default: a temp dir)")
-    a = p.parse_args()
 
+
+def shakespeare_prefix(work: Path) -> str:
+    """The demo corpus preprocessed into ``work`` (tiny BPE, EOD appended); its data prefix."""
     from mtnlg.data.preprocess import run as preprocess
-    from mtnlg.distillation.driver import run as distill
-    from mtnlg.training.pretrain import run as pretrain
 
-    work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_distill_"))
     work.mkdir(parents=True, exist_ok=True)
     out = work / "shk"
     preprocess(
@@ -73,7 +71,20 @@ def main() -> None:
          "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(VOCAB),
          "--merge-file", str(MERGES), "--append-eod", "--workers", "1"]
     )  # fmt: skip
-    prefix = str(out) + "_text_document"
+    return str(out) + "_text_document"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_common_args(p, teacher_iters=300)
+    p.add_argument("--steps", type=int, default=100, help="K: student steps in both runs")
+    a = p.parse_args()
+
+    from mtnlg.distillation.driver import run as distill
+    from mtnlg.training.pretrain import run as pretrain
+
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_distill_"))
+    prefix = shakespeare_prefix(work)
     seq, gb = a.seq_length, a.global_batch_size
     t0 = time.perf_counter()
     teacher = a.teacher

@@ -147,6 +147,11 @@ def format_plan(plan: Plan) -> str:
             f"training on {plan.train_tokens:.4g} tokens: {plan.train_days:.1f} days "
             "(no batch-size ramp-up, no restarts)"
         )
+        lines.append(
+            f"distillation teacher cache over them (top-32, fp16, "
+            f"{plan.kd_cache_bytes / plan.train_tokens:.0f} B/token): "
+            f"{plan.kd_cache_bytes / 1e12:.4g} TB (docs/distillation.md)"
+        )
     lines.append("assumptions:")
     lines += [f"  - {a}" for a in ASSUMPTIONS]
     return "\n".join(lines)

@@ -321,6 +321,16 @@ class Plan:
     def bubble(self) -> float:
         return bubble_fraction(self.layout.pp, self.layout.num_micro_batches)
 
+    @property
+    def kd_cache_bytes(self) -> float | None:
+        """Disk for a distillation teacher cache over ``train_tokens`` (``distill.py cache``
+        defaults: top-32 logits in fp16 + int32 ids + fp32 log-sum-exp per token)."""
+        from mtnlg.distillation.cache import bytes_per_token
+
+        if self.train_tokens is None:
+            return None
+        return self.train_tokens * bytes_per_token(32, "fp16")
+
     def to_dict(self) -> dict:
         def mem(m: StageMemory) -> dict:
             d = {k: v for k, v in dataclasses.asdict(m).items() if k != "checkpoint_activations"}
@@ -351,6 +361,7 @@ class Plan:
             "tokens_per_second": self.tokens_per_second,
             "train_tokens": self.train_tokens,
             "train_days": self.train_days,
+            "kd_cache_bytes_top32_fp16": self.kd_cache_bytes,
             "assumptions": list(ASSUMPTIONS),
         }
 

@@ -2,8 +2,9 @@
 
 The student trains with the pretraining machinery unchanged (``mtnlg.training``: data,
 ramp-up, LR schedule, ZeRO 0-3, TP, DP, metrics, checkpoints with exact resume); only the
-model's training forward differs (``DistillStudent``). Pipeline parallelism is not supported:
-the student runs on DeepSpeed's plain engine.
+model's training forward differs (``DistillStudent``). Online, the teacher runs beside the
+student on DeepSpeed's plain engine (PP = 1). With ``--teacher-cache`` the teacher's top-k comes
+from disk (``cache_student``) and the student may use any TP x PP x DP.
 """
 
 from __future__ import annotations
@@ -14,6 +15,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mtnlg.distillation.cache import CacheError
+from mtnlg.distillation.cache_student import (
+    CachedSamples,
+    build_cache_student_engine,
+    cache_train_samples,
+    check_cache,
+    open_cache,
+    topk_mass,
+)
 from mtnlg.distillation.student import DistillStudent, KDConfig
 from mtnlg.distillation.student_init import (
     check_same_vocab,
@@ -21,7 +31,7 @@ from mtnlg.distillation.student_init import (
     parse_init_layers,
     student_config,
 )
-from mtnlg.distillation.teacher import load_teacher
+from mtnlg.distillation.teacher import Teacher, load_teacher
 from mtnlg.distributed.init import current_device, init_distributed, shutdown
 from mtnlg.distributed.topology import ParallelConfigError, ParallelDims, Topology
 from mtnlg.presets import preset_names
@@ -34,6 +44,7 @@ from mtnlg.training.pretrain import check_peak_tflops
 from mtnlg.training.runconfig import checkpoint_meta, dataset_samples, loop_config, schedules
 from mtnlg.training.setup import (
     batch_sizes,
+    check_zero_with_pipeline,
     configure_activation_checkpointing,
     param_groups,
     resolve_ds_config,
@@ -42,7 +53,11 @@ from mtnlg.training.setup import (
 
 def add_distill_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("distillation (model flags such as --seq-length apply to the student)")
-    g.add_argument("--teacher", required=True, help="mtnlg checkpoint dir or Hugging Face folder")
+    g.add_argument("--teacher", help="online: mtnlg checkpoint dir or Hugging Face folder")
+    g.add_argument(
+        "--teacher-cache",
+        help="a teacher cache written by `distill.py cache` (instead of --teacher; any PP)",
+    )
     g.add_argument("--student-preset", choices=preset_names(), help="named student size")
     g.add_argument("--student-num-layers", type=int, help="default: the teacher's")
     g.add_argument("--student-hidden-size", type=int, help="default: the teacher's")
@@ -74,10 +89,21 @@ def run(argv: list[str] | None = None, description: str = __doc__) -> Progress:
 
 
 def _check_flags(args) -> None:
-    if args.pipeline_model_parallel_size != 1:
+    if bool(args.teacher) == bool(args.teacher_cache):
+        raise ValueError("give one of --teacher (online) and --teacher-cache (a cached teacher)")
+    pp = args.pipeline_model_parallel_size
+    if pp != 1 and not args.teacher_cache:
         raise ParallelConfigError(
-            f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}: distillation "
-            "runs the student on DeepSpeed's plain engine (PP=1); use TP, DP and ZeRO instead"
+            f"--pipeline-model-parallel-size {pp}: online distillation runs the student on "
+            "DeepSpeed's plain engine (PP=1); for a pipeline-parallel student write a teacher "
+            "cache first (`distill.py cache ...`) and train with --teacher-cache DIR"
+        )
+    if args.teacher_cache and args.student_init == "teacher-layers":
+        raise ValueError("--student-init teacher-layers needs the teacher's weights (--teacher)")
+    if pp != 1 and args.export_hf:
+        raise ValueError(
+            "--export-hf needs PP=1: convert the saved student with "
+            "checkpoint_tools/convert_checkpoint.py"
         )
     for flag in ("preset", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
         if getattr(args, flag, None) is not None:
@@ -86,15 +112,20 @@ def _check_flags(args) -> None:
 
 
 def _tokenizer(args, teacher):
+    return resolve_tokenizer(args, teacher.tokenizer)
+
+
+def resolve_tokenizer(args, teacher_tokenizer):
+    """The tokenizer the flags name (--vocab-file ...), else the teacher's own."""
     from mtnlg.data.tokenizer import build_tokenizer
 
     if args.vocab_file or args.tokenizer_model:
         return build_tokenizer(
             args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model
         )
-    if teacher.tokenizer is None:
+    if teacher_tokenizer is None:
         raise ValueError("the teacher ships no tokenizer: give --vocab-file/--merge-file")
-    return teacher.tokenizer
+    return teacher_tokenizer
 
 
 def _dtype(ds_config: dict) -> torch.dtype:
@@ -112,7 +143,12 @@ def _run(args: argparse.Namespace) -> Progress:
         _check_flags(args)
         check_peak_tflops(args)
         kd = KDConfig(args.kd_temperature, args.kd_alpha, args.kd_loss)
-        dims = ParallelDims(world_size=dist.get_world_size(), tp=args.tensor_model_parallel_size)
+        check_zero_with_pipeline(args)
+        dims = ParallelDims(
+            world_size=dist.get_world_size(),
+            tp=args.tensor_model_parallel_size,
+            pp=args.pipeline_model_parallel_size,
+        )
         batch = batch_sizes(args, dims)
         ramp, train_iters, schedule = schedules(args, batch, dims)
         ds_config = resolve_ds_config(args, dims, batch)
@@ -122,8 +158,23 @@ def _run(args: argparse.Namespace) -> Progress:
 
     topo = Topology(dims)
     dtype = _dtype(ds_config)
-    teacher = load_teacher(args.teacher, topo.tp_group, topo.tp, topo.tp_rank, current_device())
-    teacher.model.to(dtype)
+    cache = None
+    if args.teacher_cache:
+        try:
+            cache, cache_tok = open_cache(args.teacher_cache)
+        except CacheError as e:
+            raise SystemExit(f"error: {e}") from None
+        teacher = Teacher(ModelConfig.from_dict(cache.spec.teacher["model"]), None, cache_tok)
+        if topo.rank == 0:
+            print(
+                f"teacher cache {args.teacher_cache}: {cache.spec.num_samples} samples, top-"
+                f"{cache.spec.top_k} ({cache.spec.dtype}) holding {topk_mass(cache):.1%} of the "
+                "teacher's probability on average",
+                flush=True,
+            )
+    else:
+        teacher = load_teacher(args.teacher, topo.tp_group, topo.tp, topo.tp_rank, current_device())
+        teacher.model.to(dtype)
     resumed = bool(args.load) and (Path(args.load) / "latest").is_file()
     try:
         if resumed:  # the student's shape and tokenizer come from its own checkpoint
@@ -153,13 +204,20 @@ def _run(args: argparse.Namespace) -> Progress:
 
     samples = dataset_samples(args, ramp, train_iters)
     try:
+        if cache is not None:
+            samples = (cache_train_samples(cache, samples[0]), *samples[1:])
+            check_cache(cache, args, model_cfg.seq_length, tokenizer, samples[0])
         datasets = build_datasets(args, model_cfg.seq_length, samples, args.seed)
-    except ValueError as e:
+    except ValueError as e:  # CacheError and DataError included: they name the flag or file
         raise SystemExit(f"error: {e}") from None
 
-    engine = build_student_engine(
-        model_cfg, topo, ds_config, kd, teacher.model, init_layers, args=args
-    )
+    if cache is not None:
+        datasets = (CachedSamples(datasets[0], cache), *datasets[1:])
+        engine = build_cache_student_engine(model_cfg, topo, ds_config, kd, args)
+    else:
+        engine = build_student_engine(
+            model_cfg, topo, ds_config, kd, teacher.model, init_layers, args=args
+        )
     progress = Progress()
     if resumed:
         p = checkpointing.load(engine, topo, args.load)["progress"]
@@ -168,7 +226,9 @@ def _run(args: argparse.Namespace) -> Progress:
             print(f"resumed from {args.load} at iteration {progress.iteration}", flush=True)
     meta = checkpoint_meta(args, model_cfg, dims, batch, ds_config, schedule)
     meta["distill"] = {
-        "teacher": str(args.teacher),
+        "teacher": str(args.teacher or cache.spec.teacher["path"]),
+        "teacher_cache": args.teacher_cache,
+        "top_k": None if cache is None else cache.spec.top_k,
         "teacher_model": teacher.cfg.to_dict(),
         "kd_temperature": kd.temperature,
         "kd_alpha": kd.alpha,

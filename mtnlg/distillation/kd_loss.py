@@ -79,12 +79,15 @@ def vocab_parallel_kl(
     log_q = _log_softmax_shard(s, group)  # student
     with torch.no_grad():
         log_p = _log_softmax_shard(t, group)  # teacher
-    if mode == "forward-kl":
-        part = (log_p.exp() * (log_p - log_q)).sum(dim=-1)  # (b, s)
-    else:
-        part = (log_q.exp() * (log_q - log_p)).sum(dim=-1)
-    kl = reduce_from_tp_region(part, group)
+    kl = reduce_from_tp_region(kl_terms(log_p, log_q, mode), group)
     return kl * (temperature * temperature)
+
+
+def kl_terms(log_p: Tensor, log_q: Tensor, mode: str) -> Tensor:
+    """Sum over the last dim of p (log p - log q) (forward) or q (log q - log p) (reverse)."""
+    if mode == "forward-kl":
+        return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    return (log_q.exp() * (log_q - log_p)).sum(dim=-1)
 
 
 def _masked_mean(x: Tensor, loss_mask: Tensor | None) -> Tensor:

@@ -62,10 +62,15 @@ def to_batch(samples: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
 def rank_micro_batches(
     dataset, start: int, global_batch: int, micro: int, dp: int, dp_rank: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This DP rank's micro-batches of the global batch [start, start + global_batch)."""
+    """This DP rank's micro-batches of the global batch [start, start + global_batch).
+
+    A dataset with a ``micro_batch(sample_ids)`` method builds its own (the distillation
+    cache adds the teacher's top-k to the labels)."""
     gas = global_batch // (micro * dp)
+    build = getattr(dataset, "micro_batch", None)
     out = []
     for g in range(gas):
         first = start + (g * dp + dp_rank) * micro
-        out.append(to_batch([dataset[i]["text"] for i in range(first, first + micro)]))
+        ids = range(first, first + micro)
+        out.append(build(ids) if build else to_batch([dataset[i]["text"] for i in ids]))
     return out
