@@ -30,11 +30,8 @@ from mtnlg.tensor_parallel.mappings import reduce_from_tp_region, tp_rank
 class KDLabels(tuple):
     """(labels (b, s), top-k ids (b, s, k) int64, top-k teacher logits (b, s, k), lse (b, s)).
 
-    A tuple (DeepSpeed's pipeline engine moves each element to the device) with ``.to`` (the
-    training loop's plain-engine step calls ``labels.to(device)``)."""
-
-    def to(self, *args, **kwargs) -> KDLabels:
-        return KDLabels(x.to(*args, **kwargs) for x in self)
+    A tuple: DeepSpeed's pipeline engine, and ``mtnlg.training.loop.to_device`` for the plain
+    engine, move each element to the device."""
 
 
 def gather_support(logits: Tensor, ids: Tensor, group=None) -> Tensor:

@@ -25,18 +25,10 @@ import torch
 import torch.distributed as dist
 
 from mtnlg.training import checkpointing
-from mtnlg.training.loop import _grad_norm, _is_pipe, train_step
+from mtnlg.training.loop import _grad_norm, _is_pipe, to_device, train_step
 from mtnlg.training.metrics import MetricsLogger, format_log_line
 
 HIGHER_IS_BETTER = {"val_accuracy": True, "val_f1": True, "val_loss": False}
-
-
-class TensorTuple(tuple):
-    """A tuple of tensors that moves like one tensor (``.to(device)``): SFT's (labels, loss
-    mask) passes through ``train_step``, which moves a plain engine's targets with ``.to``."""
-
-    def to(self, *args, **kwargs) -> TensorTuple:
-        return TensorTuple(t.to(*args, **kwargs) for t in self)
 
 
 @dataclass
@@ -121,7 +113,7 @@ def eval_outputs(engine, topo, batches: list, compute_loss: bool) -> list | None
         for ids, targets in batches:
             args = (ids.to(engine.device),)
             if compute_loss:
-                args += (targets.to(engine.device),)
+                args += (to_device(targets, engine.device),)
             outs.append(engine(*args))
     engine.train()
     return outs

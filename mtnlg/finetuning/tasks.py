@@ -21,7 +21,7 @@ from mtnlg.finetuning.classification import (
     parse_labels,
     read_examples,
 )
-from mtnlg.finetuning.loop import Task, TensorTuple, dev_slices, eval_outputs, share_rows
+from mtnlg.finetuning.loop import Task, dev_slices, eval_outputs, share_rows
 from mtnlg.finetuning.records import DataError
 from mtnlg.model.classification import pooled
 
@@ -117,7 +117,7 @@ def sft_task(train, valid, micro, seq, pad) -> Task:
 
     def batch(exs):
         ids, (labels, mask) = sft_micro_batch(exs, micro, seq, pad)
-        return ids, TensorTuple((labels, mask))
+        return ids, (labels, mask)
 
     def evaluate(engine, topo) -> dict:
         """Mean over dev micro-batches of the response-token mean loss, weighted by the number
@@ -130,7 +130,7 @@ def sft_task(train, valid, micro, seq, pad) -> Task:
             real.append(max(0, min(micro, n - f)))
             ids, (labels, mask) = sft_micro_batch(chunk, micro, seq, pad)
             mask[real[-1] :] = 0.0
-            batches.append((ids, TensorTuple((labels, mask))))
+            batches.append((ids, (labels, mask)))
         outs = eval_outputs(engine, topo, batches, compute_loss=True)
         rows = torch.zeros(padded // micro, 2)
         if outs is not None:

@@ -52,13 +52,21 @@ def _is_pipe(engine) -> bool:
     return isinstance(engine, PipelineEngine)
 
 
+def to_device(targets, device):
+    """A tensor, or a tuple of tensors (e.g. labels and a loss mask), moved to ``device``: what
+    the pipeline engine does with a labels tuple, for the plain engine."""
+    if isinstance(targets, (tuple, list)):
+        return tuple(t.to(device) for t in targets)
+    return targets.to(device)
+
+
 def train_step(engine, topo, micro_batches) -> float:
     """One optimizer step over this rank's micro-batches; returns the DP-mean loss."""
     if _is_pipe(engine):
         return float(engine.train_batch(data_iter=iter(micro_batches)))
     total = torch.zeros((), dtype=torch.float32, device=engine.device)
     for ids, labels in micro_batches:
-        loss = engine(ids.to(engine.device), labels.to(engine.device))
+        loss = engine(ids.to(engine.device), to_device(labels, engine.device))
         engine.backward(loss)
         engine.step()
         total += loss.detach().float()
@@ -84,7 +92,7 @@ def eval_loss(engine, topo, dataset, loop: LoopConfig, global_batch: int) -> flo
         engine.eval()
         total = torch.zeros((), dtype=torch.float32, device=engine.device)
         for ids, labels in micro:
-            total += engine(ids.to(engine.device), labels.to(engine.device)).float()
+            total += engine(ids.to(engine.device), to_device(labels, engine.device)).float()
         engine.train()
         total /= len(micro)
         if topo.dp > 1:
