@@ -22,17 +22,21 @@ PRELUDE = (
     "    for line in open('/proc/self/status'):\n"
     "        if line.startswith(key): return int(line.split()[1])\n"
     f"import sys, time, resource; sys.path.insert(0, {str(ROOT)!r}); import torch, deepspeed;"
-    " import safetensors.torch; import mtnlg.checkpoint.convert as c; import gc; gc.collect()\n"
+    " import safetensors.torch; import mtnlg.checkpoint.convert as c\n"
+)
+RESET = (
+    "import gc; gc.collect()\n"
     "open('/proc/self/clear_refs', 'w').write('5')  # reset the peak RSS (VmHWM) after imports\n"
     "rss0 = _kib('VmRSS'); t = time.time()\n"
 )
 EPILOGUE = "\nprint(time.time() - t, _kib('VmHWM') - rss0)"
 
 
-def child(code: str) -> tuple[float, float]:
-    """(peak RSS above the post-import RSS in MiB, seconds) of a fresh interpreter."""
+def child(code: str, setup: str = "") -> tuple[float, float]:
+    """(peak RSS above the post-import RSS in MiB, seconds) of a fresh interpreter; ``setup``
+    runs before the clock starts and the peak is reset (e.g. more imports)."""
     out = subprocess.run(
-        [sys.executable, "-c", PRELUDE + code + EPILOGUE],
+        [sys.executable, "-c", PRELUDE + setup + "\n" + RESET + code + EPILOGUE],
         capture_output=True,
         text=True,
         check=True,
@@ -70,16 +74,12 @@ def make_hf(folder: Path, layers: int, h: int, vocab: int, pos: int) -> int:
     return max(block, (vocab + pos) * h * 4)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--vocab", type=int, default=5000)
-    p.add_argument("--work", default="/tmp/bench_convert")
-    a = p.parse_args()
-    work = Path(a.work)
-    shutil.rmtree(work, ignore_errors=True)
-    layer = make_hf(work / "hf", a.layers, a.hidden, a.vocab, 1024)
+def run_table(
+    work: Path, layers: int, layer: int, setup: dict[str, str] | None = None
+) -> dict[str, dict[str, float]]:
+    """Time and peak RSS of hf-to-mtnlg (TP2 x PP4), mtnlg-to-hf and a plain safetensors copy
+    of ``work/hf``, each in a fresh process; prints the table, returns the figures. ``setup``:
+    extra rows, ``mtnlg-to-hf`` again after that code ran (before the clock and the peak)."""
     total = (work / "hf" / "model.safetensors").stat().st_size
     runs = {
         "hf-to-mtnlg tp2 pp4": f"c.hf_to_mtnlg({str(work / 'hf')!r}, {str(work / 'ck')!r}, 2, 4)",
@@ -92,14 +92,33 @@ def main() -> None:
             f"{str(work / 'copy.safetensors')!r})"
         ),
     }
+    rows = [(name, code, "") for name, code in runs.items()]
+    for label, code in (setup or {}).items():
+        export = runs["mtnlg-to-hf (from tp2 pp4)"].replace("hf2", "hf3")
+        rows.append((f"mtnlg-to-hf, {label}", export, code))
     mib = 2**20
-    print(f"model {total / mib:.1f} MiB, {a.layers} layers, largest layer {layer / mib:.1f} MiB")
+    print(f"model {total / mib:.1f} MiB, {layers} layers, largest layer {layer / mib:.1f} MiB")
     print("| run | seconds | peak RSS above post-import RSS (MiB) | / largest layer |")
     print("|---|---|---|---|")
-    for name, code in runs.items():
-        peak, secs = child(code)
-        extra = peak
-        print(f"| {name} | {secs:.2f} | {extra:.1f} | {extra * mib / layer:.2f}x |")
+    out = {}
+    for name, code, pre in rows:
+        peak, secs = child(code, pre)
+        print(f"| {name} | {secs:.2f} | {peak:.1f} | {peak * mib / layer:.2f}x |", flush=True)
+        out[name] = {"seconds": secs, "peak_rss_mib": peak, "per_largest_layer": peak * mib / layer}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=5000)
+    p.add_argument("--work", default="/tmp/bench_convert")
+    a = p.parse_args()
+    work = Path(a.work)
+    shutil.rmtree(work, ignore_errors=True)
+    layer = make_hf(work / "hf", a.layers, a.hidden, a.vocab, 1024)
+    run_table(work, a.layers, layer)
 
 
 if __name__ == "__main__":

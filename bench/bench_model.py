@@ -27,7 +27,9 @@ from mtnlg.config import ModelConfig  # noqa: E402
 
 
 def shape(args) -> ModelConfig:
-    return ModelConfig(
+    """The bench model; with ``args.llama`` Llama-style (the ``llama-tiny`` preset's options,
+    ``--ffn`` SwiGLU width, ``--groups`` KV groups)."""
+    fields = dict(
         num_layers=args.layers,
         hidden_size=args.hidden,
         num_attention_heads=args.heads,
@@ -37,6 +39,32 @@ def shape(args) -> ModelConfig:
         hidden_dropout=0.0,
         attention_dropout=0.0,
     )
+    if getattr(args, "llama", False):
+        from mtnlg.presets import get_preset
+
+        return get_preset(
+            "llama-tiny", ffn_hidden_size=args.ffn, num_query_groups=args.groups, **fields
+        )
+    return ModelConfig(**fields)
+
+
+def reference_for(cfg: ModelConfig):
+    """The plain-PyTorch model of the same shape: GPT-2 or Llama-style."""
+    from bench.reference_gpt import ReferenceLlama
+
+    return (ReferenceGPT if cfg.tied else ReferenceLlama).from_config(cfg)
+
+
+def llama_argv(cfg: ModelConfig) -> list[str]:
+    """The model flags that give ``cfg``'s Llama options (empty for GPT-2)."""
+    if cfg.tied:
+        return []
+    return [
+        "--position-embedding-type", "rope", "--normalization", "rmsnorm", "--swiglu",
+        "--untie-embeddings-and-output-weights", "--disable-bias-linear",
+        "--ffn-hidden-size", str(cfg.ffn_hidden_size),
+        "--num-query-groups", str(cfg.kv_groups),
+    ]  # fmt: skip
 
 
 def step_timer(model, batch):
@@ -65,7 +93,7 @@ def bench_plain(args) -> None:
     torch.set_num_threads(args.threads)
     cfg = shape(args)
     ours = GPTModel(cfg, seed=1)
-    ref = ReferenceGPT.from_config(cfg)
+    ref = reference_for(cfg)
     batch = batch_for(cfg, args.batch)
     steps = {"mtnlg": step_timer(ours, batch), "reference": step_timer(ref, batch)}
     times = {k: [] for k in steps}
@@ -77,9 +105,10 @@ def bench_plain(args) -> None:
             times[k].append(f())
     med = {k: statistics.median(v) for k, v in times.items()}
     flops = 6 * cfg.num_parameters(padded_tp=1) * args.batch * cfg.seq_length
+    llama = f" Llama-style ffn={cfg.ffn_hidden_size} groups={cfg.kv_groups}" if args.llama else ""
     print(
         f"shape: L={cfg.num_layers} h={cfg.hidden_size} heads={cfg.num_attention_heads} "
-        f"s={cfg.seq_length} V={cfg.vocab_size} b={args.batch} threads={args.threads}"
+        f"s={cfg.seq_length} V={cfg.vocab_size} b={args.batch} threads={args.threads}{llama}"
     )
     for k, v in med.items():
         print(f"{k:10s} median step {v * 1e3:8.1f} ms  (~{flops / v / 1e9:6.1f} GFLOP/s, 6ND)")
@@ -126,6 +155,9 @@ def add_shape_args(p: argparse.ArgumentParser, warmup: int) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--llama", action="store_true", help="Llama-style (RoPE, RMSNorm, SwiGLU ...)")
+    p.add_argument("--ffn", type=int, default=1376, help="SwiGLU width with --llama")
+    p.add_argument("--groups", type=int, default=2, help="KV groups with --llama")
 
 
 def main() -> None:

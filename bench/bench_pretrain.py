@@ -12,6 +12,10 @@ micro-batch from the same dataset. So machine load hits both alike. The first ``
 iterations of each (start-up, warm-up) are left out; per repeat the median iteration counts.
 
     DS_ACCELERATOR=cpu .venv/bin/python bench/bench_pretrain.py --repeats 3
+    DS_ACCELERATOR=cpu .venv/bin/python bench/bench_pretrain.py --repeats 3 --llama  # issue 14
+
+``--llama``: the Llama-style model (RoPE, RMSNorm, SwiGLU ``--ffn``, ``--groups`` KV groups,
+untied output layer, no biases) against ``bench/reference_gpt.py::ReferenceLlama``.
 
 Prints per-repeat medians and the median ratio plain tokens/s / mtnlg tokens/s (target <= 1.05).
 """
@@ -66,7 +70,11 @@ def prepare_data(work: Path) -> str:
 
 
 def pretrain_argv(args, prefix: str, metrics: Path, cache: Path) -> list[str]:
+    from bench.bench_model import llama_argv, shape
+
+    llama = llama_argv(shape(argparse.Namespace(**vars(args), vocab=50257)))
     return [
+        *llama,
         "--num-layers",
         str(args.layers),
         "--hidden-size",
@@ -123,8 +131,9 @@ def _env(threads: int) -> dict:
 def run_pair(args, prefix: str, work: Path, rep: int) -> dict[str, list[float]]:
     """One repeat in a fresh process: seconds per iteration of both, after the first ``--skip``."""
     cmd = [sys.executable, __file__, "--worker", "--prefix", prefix, "--work", str(work)]
-    for k in ("layers", "hidden", "heads", "seq", "micro", "iters", "skip", "threads"):
+    for k in ("layers", "hidden", "heads", "seq", "micro", "iters", "skip", "threads", "ffn"):
         cmd += [f"--{k}", str(getattr(args, k))]
+    cmd += ["--groups", str(args.groups)] + (["--llama"] if args.llama else [])
     cmd += ["--rep", str(rep)]
     out = subprocess.run(cmd, env=_env(args.threads), capture_output=True, text=True)
     if out.returncode != 0:
@@ -136,8 +145,7 @@ def plain_loop(args):
     """The plain-PyTorch loop: same shape, same batches, AdamW + clipping; ``step(k)`` times one."""
     import torch
 
-    from bench.bench_model import shape
-    from bench.reference_gpt import ReferenceGPT
+    from bench.bench_model import reference_for, shape
     from mtnlg.data.gpt_dataset import build_train_valid_test_datasets
     from mtnlg.data.tokenizer import build_tokenizer
     from mtnlg.training.data import rank_micro_batches
@@ -153,7 +161,7 @@ def plain_loop(args):
         cache_dir=str(Path(args.work) / "cache"),
     )
     torch.manual_seed(SEED)
-    model = ReferenceGPT.from_config(cfg)
+    model = reference_for(cfg)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -211,7 +219,7 @@ def worker(args) -> None:
     print(json.dumps({"mtnlg": ours[args.skip :], "plain": plain[args.skip :]}))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
@@ -222,11 +230,14 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=12, help="iterations per run")
     p.add_argument("--skip", type=int, default=3, help="warm-up iterations left out of each run")
     p.add_argument("--repeats", type=int, default=3, help="alternating (mtnlg, plain) pairs")
+    p.add_argument("--llama", action="store_true", help="Llama-style model and plain loop")
+    p.add_argument("--ffn", type=int, default=688, help="SwiGLU width with --llama")
+    p.add_argument("--groups", type=int, default=2, help="KV groups with --llama")
     p.add_argument("--work", help="data/cache directory (default: a fresh temporary one)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--prefix", help=argparse.SUPPRESS)
     p.add_argument("--rep", type=int, default=0, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.iters <= args.skip:
         p.error("--iters must exceed --skip")
     if args.worker:
@@ -237,8 +248,9 @@ def main() -> None:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         prefix = prepare_data(work)
+        llama = f"Llama-style (ffn {args.ffn}, {args.groups} KV groups) " if args.llama else ""
         print(
-            f"shape: L={args.layers} h={args.hidden} heads={args.heads} s={args.seq} "
+            f"shape: {llama}L={args.layers} h={args.hidden} heads={args.heads} s={args.seq} "
             f"micro-batch={args.micro} V=GPT-2 (50257, padded 50304) fp32, 1 process x "
             f"{args.threads} threads; {args.iters} iterations per run, first {args.skip} skipped",
             flush=True,

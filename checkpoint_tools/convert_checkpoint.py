@@ -1,4 +1,9 @@
-"""Convert mtnlg checkpoints: to/from Hugging Face GPT-2, and between TP/PP layouts.
+"""Convert mtnlg checkpoints: to/from Hugging Face, and between TP/PP layouts.
+
+Hugging Face architectures: GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM and
+Qwen2ForCausalLM (chosen by config.json's model_type on import; exported as the architecture
+the checkpoint was imported from, else by its features). Options a model computes differently
+(rope scaling, a sliding window shorter than the context, ...) are refused by name.
 
     convert_checkpoint.py mtnlg-to-hf --input CKPT [--tag T] --output HF_DIR [--dtype bf16]
                                       [--weights-only]

@@ -38,7 +38,28 @@ class ModelConfig:
     init_method_std: float = 0.02
     """Std of the normal init (``--init-method-std``); output projections get std/sqrt(2L)."""
     layernorm_epsilon: float = 1e-5
-    """LayerNorm epsilon (``--layernorm-epsilon``)."""
+    """LayerNorm / RMSNorm epsilon (``--layernorm-epsilon``)."""
+    position_embedding_type: str = "learned_absolute"
+    """``learned_absolute`` (GPT-2) or ``rope`` (``--position-embedding-type``)."""
+    rotary_base: float = 10000.0
+    """RoPE base theta (``--rotary-base``)."""
+    rotary_percent: float = 1.0
+    """Fraction of each head's channels rotated (``--rotary-percent``; partial rotary < 1)."""
+    normalization: str = "layernorm"
+    """``layernorm`` or ``rmsnorm`` (``--normalization``)."""
+    swiglu: bool = False
+    """SwiGLU MLP: silu(gate) * up, gate and up fused column-parallel (``--swiglu``)."""
+    num_query_groups: int | None = None
+    """GQA/MQA key-value groups (``--num-query-groups``); None: one per head (plain MHA)."""
+    untie_embeddings_and_output_weights: bool = False
+    """A separate vocab-parallel output layer (``--untie-embeddings-and-output-weights``)."""
+    add_bias_linear: bool = True
+    """Biases on every linear layer (``--disable-bias-linear`` turns them off)."""
+    add_qkv_bias: bool = False
+    """A QKV bias even without the other biases (``--add-qkv-bias``, Qwen2)."""
+    sequence_parallel: bool = False
+    """Runtime only, never saved (``--sequence-parallel``, training): LayerNorm/dropout regions
+    hold (b, s/tp, h) slices of the sequence."""
     extra: dict = field(default_factory=dict)
     """Free-form notes kept with the config (preset name, tokenizer), never read by the model."""
 
@@ -63,10 +84,71 @@ class ModelConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1)")
+        self._check_architecture()
+
+    def _check_architecture(self) -> None:
+        choices = {
+            "position_embedding_type": ("learned_absolute", "rope"),
+            "normalization": ("layernorm", "rmsnorm"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose one of {allowed}"
+                )
+        g = self.num_query_groups
+        if g is not None and (g < 1 or self.num_attention_heads % g):
+            raise ValueError(
+                f"--num-query-groups ({g}) must divide --num-attention-heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.use_rope:
+            if not 0.0 < self.rotary_percent <= 1.0:
+                raise ValueError("--rotary-percent must be in (0, 1]")
+            if self.rotary_dim < 2 or self.rotary_dim % 2:
+                raise ValueError(
+                    f"--rotary-percent {self.rotary_percent} gives {self.rotary_dim} rotary "
+                    f"channels of head dim {self.head_dim}: it must be even and >= 2"
+                )
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def use_rope(self) -> bool:
+        return self.position_embedding_type == "rope"
+
+    @property
+    def rotary_dim(self) -> int:
+        """Rotated channels per head: ``int(head_dim * rotary_percent)``."""
+        return int(self.head_dim * self.rotary_percent)
+
+    @property
+    def kv_groups(self) -> int:
+        """Key/value heads: ``num_query_groups``, or one per attention head."""
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.add_bias_linear or self.add_qkv_bias
+
+    @property
+    def gpt2_compatible(self) -> bool:
+        """Every architecture option at GPT-2's value (the model ``GPT2LMHeadModel`` holds)."""
+        return (
+            not self.use_rope
+            and self.normalization == "layernorm"
+            and not self.swiglu
+            and self.num_query_groups is None
+            and self.tied
+            and self.add_bias_linear
+        )
+
+    @property
+    def tied(self) -> bool:
+        """The output layer is the input embedding (GPT-2, MT-NLG)."""
+        return not self.untie_embeddings_and_output_weights
 
     def padded_vocab_size(self, tp: int = 1) -> int:
         """Vocabulary rounded up to a multiple of ``make_vocab_size_divisible_by * tp``."""
@@ -74,29 +156,36 @@ class ModelConfig:
         return int(math.ceil(self.vocab_size / multiple) * multiple)
 
     def num_parameters(self, padded_tp: int | None = None) -> int:
-        """Parameter count with the output layer tied to the input embedding.
+        """Parameter count of the model (the output layer counted only when untied).
 
-        With ``padded_tp=None`` the true vocabulary is counted (as Hugging Face counts GPT-2);
+        With ``padded_tp=None`` the true vocabulary is counted (as Hugging Face counts);
         otherwise the vocabulary padded for that TP degree.
         """
         h, f, L = self.hidden_size, self.ffn_hidden_size, self.num_layers
         v = self.vocab_size if padded_tp is None else self.padded_vocab_size(padded_tp)
+        norm = h if self.normalization == "rmsnorm" else 2 * h  # weight (+ bias)
+        qkv_out = (self.num_attention_heads + 2 * self.kv_groups) * self.head_dim
+        up_out = 2 * f if self.swiglu else f
+        bias = self.add_bias_linear
         per_layer = (
-            2 * h  # ln_1
-            + 3 * h * h
-            + 3 * h  # fused qkv
+            2 * norm  # ln_1, ln_2
+            + qkv_out * h
+            + (qkv_out if self.qkv_bias else 0)  # fused qkv
             + h * h
-            + h  # attention output projection
-            + 2 * h  # ln_2
-            + h * f
-            + f  # mlp up
+            + (h if bias else 0)  # attention output projection
+            + up_out * h
+            + (up_out if bias else 0)  # mlp up (gate and up with SwiGLU)
             + f * h
-            + h  # mlp down
+            + (h if bias else 0)  # mlp down
         )
-        return v * h + self.max_position_embeddings * h + L * per_layer + 2 * h
+        positions = 0 if self.use_rope else self.max_position_embeddings * h
+        output = 0 if self.tied else v * h
+        return v * h + positions + L * per_layer + norm + output
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        del d["sequence_parallel"]  # a property of the run, not of the weights
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:

@@ -17,8 +17,11 @@ layout, over the student's samples (`distill.py cache --help`), then the student
     deepspeed --hostfile H mtnlg/distill.py --teacher-cache runs/kd-cache \\
         --student-num-layers 2 --pipeline-model-parallel-size 2 --data-path PREFIX ...
 
-``--teacher`` is an mtnlg checkpoint (any TP/PP) or a Hugging Face GPT-2 folder. Training flags
-are pretrain.py's (Megatron-LM names). See docs/distillation.md.
+``--teacher`` is an mtnlg checkpoint (any TP/PP) or a Hugging Face folder (GPT-2, Llama,
+Mistral, Qwen2). The student takes the teacher's architecture unless ``--student-preset`` names
+another (e.g. ``tiny``: a GPT-2-style student of a Llama teacher); the model flags
+(``--num-query-groups``, ``--position-embedding-type`` ...) then apply to the student. Training
+flags are pretrain.py's (Megatron-LM names). See docs/distillation.md and docs/llama.md.
 """
 
 import os

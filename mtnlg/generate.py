@@ -1,4 +1,5 @@
-"""Generate text from an mtnlg checkpoint (or a Hugging Face GPT-2 folder) at its TP x PP.
+"""Generate text from an mtnlg checkpoint (or a Hugging Face GPT-2 / Llama / Mistral / Qwen2
+folder) at its TP x PP.
 
     deepspeed --num_gpus 4 mtnlg/generate.py --load CKPT --prompts-file prompts.jsonl \\
         --max-new-tokens 64 --top-p 0.9 --seed 1 --output-jsonl out.jsonl

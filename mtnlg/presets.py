@@ -1,12 +1,25 @@
 """Named model sizes with exact shapes, from test-sized toys up to MT-NLG 530B.
 
 ``gpt3-*`` follow Table 2.1 of Brown et al. 2020; ``mtnlg-530b`` follows Smith et al. 2022;
-``gpt2-*`` are the OpenAI GPT-2 checkpoints' shapes (1024 positions).
+``gpt2-*`` are the OpenAI GPT-2 checkpoints' shapes (1024 positions). The Llama-family sizes
+(``llama*``, ``mistral-7b``, ``qwen2-0.5b``) are those of the released models' ``config.json``:
+RoPE, RMSNorm, SwiGLU, no linear biases (Qwen2: a QKV bias), grouped-query attention where the
+model has it, an untied output layer (Qwen2 0.5B ties it).
 """
 
 from __future__ import annotations
 
 from mtnlg.config import ModelConfig
+
+_LLAMA = {
+    "position_embedding_type": "rope",
+    "normalization": "rmsnorm",
+    "swiglu": True,
+    "untie_embeddings_and_output_weights": True,
+    "add_bias_linear": False,
+    "hidden_dropout": 0.0,
+    "attention_dropout": 0.0,
+}
 
 # name: (layers, hidden, heads, seq_length, extra overrides)
 _PRESETS: dict[str, tuple[int, int, int, int, dict]] = {
@@ -26,7 +39,30 @@ _PRESETS: dict[str, tuple[int, int, int, int, dict]] = {
     "gpt3-13b": (40, 5120, 40, 2048, {}),
     "gpt3-175b": (96, 12288, 96, 2048, {}),
     "mtnlg-530b": (105, 20480, 128, 2048, {"init_method_std": 0.004}),
-}
+    "llama-tiny": (2, 64, 4, 64, {**_LLAMA, "num_query_groups": 2, "ffn_hidden_size": 176}),
+    "llama2-7b": (32, 4096, 32, 4096, {**_LLAMA, "ffn_hidden_size": 11008, "vocab_size": 32000}),
+    "llama2-13b": (40, 5120, 40, 4096, {**_LLAMA, "ffn_hidden_size": 13824, "vocab_size": 32000}),
+    "llama2-70b": (
+        80, 8192, 64, 4096,
+        {**_LLAMA, "ffn_hidden_size": 28672, "num_query_groups": 8, "vocab_size": 32000},
+    ),
+    "llama3-8b": (
+        32, 4096, 32, 8192,
+        {**_LLAMA, "ffn_hidden_size": 14336, "num_query_groups": 8, "vocab_size": 128256,
+         "rotary_base": 500000.0},
+    ),
+    "mistral-7b": (
+        32, 4096, 32, 4096,
+        {**_LLAMA, "ffn_hidden_size": 14336, "num_query_groups": 8, "vocab_size": 32768,
+         "rotary_base": 1000000.0, "max_position_embeddings": 32768},
+    ),
+    "qwen2-0.5b": (
+        24, 896, 14, 4096,
+        {**_LLAMA, "ffn_hidden_size": 4864, "num_query_groups": 2, "vocab_size": 151936,
+         "add_qkv_bias": True, "untie_embeddings_and_output_weights": False,
+         "rotary_base": 1000000.0, "layernorm_epsilon": 1e-6, "max_position_embeddings": 32768},
+    ),
+}  # fmt: skip
 
 
 def preset_names() -> list[str]:

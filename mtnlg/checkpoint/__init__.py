@@ -1,4 +1,4 @@
-"""Checkpoint conversion: TP/PP rules, DeepSpeed layout, Hugging Face GPT-2 maps.
+"""Checkpoint conversion: TP/PP rules, DeepSpeed layout, Hugging Face GPT-2 and Llama-family maps.
 
 ``mtnlg.checkpoint.api`` holds the functions other code imports; ``convert`` the streaming
 commands behind ``checkpoint_tools/convert_checkpoint.py``.

@@ -17,7 +17,8 @@ from mtnlg.config import ModelConfig
 
 
 def load_full_state(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor], object | None]:
-    """(config, full fp32 state, tokenizer or None) from an mtnlg checkpoint or an HF folder."""
+    """(config, full fp32 state, tokenizer or None) from an mtnlg checkpoint or an HF folder
+    (GPT-2, Llama, Mistral or Qwen2)."""
     p = Path(path)
     if (p / "config.json").is_file():
         from mtnlg.checkpoint.hf import HFReader, config_from_hf, read_hf_tokenizer
@@ -66,14 +67,15 @@ def export_hf(
     dtype: torch.dtype = torch.float32,
     max_shard_bytes: int = 2**30,
 ) -> None:
-    """Write a ``GPT2LMHeadModel`` folder (config, safetensors, tokenizer) into ``out_dir``."""
+    """Write a Hugging Face folder (config, safetensors, tokenizer) into ``out_dir``:
+    ``GPT2LMHeadModel``, or the Llama-family architecture of ``hf.export_architecture(cfg)``."""
     import json
 
     from mtnlg.checkpoint.hf import (
         HFShardWriter,
         hf_config_dict,
         hf_plan,
-        to_hf_tensor,
+        to_hf_tensors,
         write_hf_tokenizer,
     )
 
@@ -82,7 +84,8 @@ def export_hf(
     writer = HFShardWriter(out, hf_plan(cfg), dtype, max_shard_bytes)
     for name in rules.expected_names(cfg):
         rules.check_full(name, full[name], cfg)
-        writer.add(*to_hf_tensor(name, full[name]))
+        for hf_name, t in to_hf_tensors(name, full[name], cfg):
+            writer.add(hf_name, t)
     writer.close()
     eod = getattr(tokenizer, "eod", None)
     (out / "config.json").write_text(json.dumps(hf_config_dict(cfg, eod, dtype), indent=2))

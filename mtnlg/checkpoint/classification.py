@@ -158,6 +158,11 @@ def export_hf_classifier(
 ) -> None:
     """Write a ``GPT2ForSequenceClassification`` folder into ``out`` (an existing, empty temp
     folder: the caller renames it into place)."""
+    if not cfg.gpt2_compatible:
+        raise CheckpointError(
+            "only GPT-2-architecture classifiers export (GPT2ForSequenceClassification); this "
+            "one has Llama-family options (RoPE/RMSNorm/SwiGLU/GQA/untied/no biases)"
+        )
     from mtnlg.checkpoint.hf import (
         HFShardWriter,
         hf_config_dict,

@@ -1,7 +1,8 @@
 """The three conversions, streaming one layer group at a time, written to a temp folder first.
 
-* ``mtnlg_to_hf``: any TP/PP checkpoint -> ``GPT2LMHeadModel`` folder (safetensors shards).
-* ``hf_to_mtnlg``: GPT-2 folder -> weights-only mtnlg checkpoint at (tp, pp).
+* ``mtnlg_to_hf``: any TP/PP checkpoint -> ``GPT2LMHeadModel`` or Llama-family folder
+  (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``; safetensors shards).
+* ``hf_to_mtnlg``: HF folder of those -> weights-only mtnlg checkpoint at (tp, pp).
 * ``reshard``: mtnlg checkpoint -> another (tp, pp, dp), optimizer state included when present.
 """
 
@@ -66,14 +67,15 @@ def mtnlg_to_hf(
     max_shard_bytes=2**30,
     weights_only: bool = False,
 ) -> ModelConfig:
-    """Any TP/PP checkpoint -> GPT2LMHeadModel folder. A Hugging Face folder holds weights only:
-    a checkpoint with optimizer state needs ``weights_only=True`` (``--weights-only``)."""
+    """Any TP/PP checkpoint -> HF folder (architecture: ``hf.export_architecture``). A Hugging
+    Face folder holds weights only: a checkpoint with optimizer state needs
+    ``weights_only=True`` (``--weights-only``)."""
     from mtnlg.checkpoint.classification import export_classifier, is_classifier
     from mtnlg.checkpoint.hf import (
         HFShardWriter,
         hf_config_dict,
         hf_plan,
-        to_hf_tensor,
+        to_hf_tensors,
         write_hf_tokenizer,
     )
 
@@ -86,7 +88,8 @@ def mtnlg_to_hf(
         writer = HFShardWriter(tmp, hf_plan(cfg), dtype, max_shard_bytes)
         for group in rules.layer_groups(cfg):
             for name, full in ckpt.iter_full_group(group):  # one merged tensor at a time
-                writer.add(*to_hf_tensor(name, full))
+                for hf_name, t in to_hf_tensors(name, full, cfg):
+                    writer.add(hf_name, t)
                 del full
         writer.close()
         eod = getattr(tokenizer, "eod", None)
@@ -131,7 +134,7 @@ def hf_to_mtnlg(
                 full[n] = reader.get(n)
                 rules.check_full(n, full[n], cfg)
             writer.write_group(group, full)
-        writer.finish({}, None)
+        writer.finish()
         meta = {
             "model": cfg.to_dict(),
             "parallel": {"tp": tp, "pp": pp, "dp": 1},
@@ -155,7 +158,12 @@ def reshard(
 ) -> ModelConfig:
     """Another (tp, pp, dp): weights, and ZeRO-1/2 optimizer state in either of DeepSpeed's
     formats (fp32/fp16 ``zero_*``, bf16 ``bf16_zero_*`` incl. BF16_Optimizer). Optimizer state
-    that cannot be carried is refused unless ``weights_only`` (``--weights-only``)."""
+    that cannot be carried is refused unless ``weights_only`` (``--weights-only``).
+
+    Streams: source layer groups are read in pipeline order, and each target stage's files are
+    written (and its optimizer shards dropped) when its last group arrives, so the memory held
+    is about one target stage's optimizer state, not the model's. Every tensor keeps its saved
+    dtype (bf16 weights stay bf16; fp32 masters and moments stay fp32)."""
     ckpt = DSCheckpoint(input, tag)
     cfg = ckpt.cfg
     check_layout(cfg, tp, pp)
@@ -165,12 +173,16 @@ def reshard(
         drop_optimizer_state(ckpt, weights_only, "this reshard cannot carry")
     out_tag = ckpt.meta["tag"]
     with atomic_output(output) as tmp:
-        writer = DSWriter(tmp / out_tag, cfg, tp, pp, dp, dtype=ckpt.weights_dtype)
+        common = ckpt.optimizer_common() if with_opt else None
+        eng = ckpt.engine_state()
+        # dtype None: every tensor keeps its saved dtype
+        writer = DSWriter(tmp / out_tag, cfg, tp, pp, dp, None, eng, optimizer=common)
         for group in rules.layer_groups(cfg):
-            full = ckpt.full_group(group)
+            full = ckpt.full_group(group, keep_dtype=True)
             opt = ckpt.optimizer_group(group) if with_opt else None
             writer.write_group(group, full, opt)
-        writer.finish(ckpt.engine_state(), ckpt.optimizer_common() if with_opt else None)
+            del full, opt
+        writer.finish()
         meta = {k: v for k, v in ckpt.meta.items() if k not in ("format_version", "tag")}
         meta["parallel"] = {"tp": tp, "pp": pp, "dp": dp}
         meta["weights_only"] = not with_opt
@@ -193,3 +205,9 @@ def check_layout(cfg: ModelConfig, tp: int, pp: int) -> None:
         raise CheckpointError(str(e)) from None
     if cfg.ffn_hidden_size % tp:
         raise CheckpointError(f"ffn_hidden_size {cfg.ffn_hidden_size} not divisible by TP {tp}")
+    g = cfg.kv_groups
+    if cfg.num_query_groups is not None and g % tp and tp % g:
+        raise CheckpointError(
+            f"--num-query-groups {g} and TP {tp}: one must divide the other (KV groups are "
+            "split over TP ranks, or each shared by TP/groups ranks)"
+        )

@@ -5,7 +5,8 @@ Files of one tag (DeepSpeed's names; "mp rank" = pp_stage * tp + tp_rank)::
     mp_rank_{mp:02d}_model_states.pt           PP=1: {"module": GPTModel state of one TP rank}
                                                PP>1: bookkeeping only ("module": None)
     layer_{idx:02d}-model_{tp:02d}-model_states.pt   PP>1: one pipeline layer of one TP rank
-                                               (0 embedding, 1..L blocks, L+1 final norm)
+                                               (0 embedding, 1..L blocks, L+1 final norm,
+                                               L+2 the untied output layer: key ``weight``)
     zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt   ZeRO-1/2: fp32 master + Adam moments
                                                of one DP partition of the stage's flat groups
                                                (``bf16_zero_...`` in bf16 runs; formats in
@@ -66,10 +67,11 @@ def stage_bounds(cfg: ModelConfig, pp: int) -> list[int]:
 
 
 def stage_of(group: str, cfg: ModelConfig, bounds: list[int]) -> list[int]:
-    """Stages holding ``group``; the tied embedding lives on the first and the last."""
+    """Stages holding ``group``; the tied embedding lives on the first and the last (an untied
+    model's output layer, pipeline index L+2, on the last only)."""
     idx = rules.pipe_index(group, cfg)
     stages = [s for s in range(len(bounds) - 1) if bounds[s] <= idx < bounds[s + 1]]
-    if group == "embedding" and len(bounds) > 2:
+    if group == "embedding" and cfg.tied and len(bounds) > 2:
         stages.append(len(bounds) - 2)
     return stages
 
@@ -79,7 +81,7 @@ def engine_name(name: str, cfg: ModelConfig, pp: int) -> str:
     if pp == 1:
         return name
     g = rules.group_of(name)
-    if g == "embedding":
+    if g == "embedding" and cfg.tied:
         return "tied_modules.embed." + rules.to_local(name)
     return f"{rules.pipe_index(g, cfg)}.{rules.to_local(name)}"
 
@@ -90,6 +92,8 @@ def stage_param_order(cfg: ModelConfig, pp: int, stage: int, bounds: list[int]) 
     if pp == 1:
         return names
     held = [n for n in names if stage in stage_of(rules.group_of(n), cfg, bounds)]
+    if not cfg.tied:
+        return held  # no tied modules: pipeline index order
     emb = [n for n in held if rules.group_of(n) == "embedding"]  # tied modules come first
     return emb + [n for n in held if rules.group_of(n) != "embedding"]
 
@@ -142,7 +146,6 @@ class DSCheckpoint:
         self.bounds = stage_bounds(self.cfg, self.pp)
         self._check_files()
         self.optim_prefix = zero_state.find_prefix(self.dir)
-        self._readers: dict[int, zero_state.FlatReader] = {}
 
     @property
     def has_optimizer(self) -> bool:
@@ -173,8 +176,8 @@ class DSCheckpoint:
         want = {model_file(self.dir, m).name for m in range(self.tp * self.pp)}
         if self.pp > 1:
             want |= {
-                layer_file(self.dir, idx, r).name
-                for idx in range(self.cfg.num_layers + 2)
+                layer_file(self.dir, rules.pipe_index(g, self.cfg), r).name
+                for g in rules.layer_groups(self.cfg)
                 for r in range(self.tp)
             }
         return want
@@ -198,8 +201,9 @@ class DSCheckpoint:
         tok = self.dir / "tokenizer"
         return load_tokenizer(tok) if tok.is_dir() else None
 
-    def shards(self, group: str) -> list[dict[str, Tensor]]:
-        """Every TP rank's tensors of ``group`` (GPTModel names), copied out of the mmap."""
+    def shards(self, group: str, keep_dtype: bool = False) -> list[dict[str, Tensor]]:
+        """Every TP rank's tensors of ``group`` (GPTModel names), copied out of the mmap: fp32,
+        or as saved with ``keep_dtype``."""
         names = rules.group_names(group, self.cfg)
         out = []
         for r in range(self.tp):
@@ -222,7 +226,8 @@ class DSCheckpoint:
             missing = sorted(set(names) - set(local))
             if missing:
                 raise CheckpointError(f"{path}: missing keys {missing[:4]}")
-            out.append({k: local[k].float().clone() for k in names})
+            dtype = None if keep_dtype else torch.float32
+            out.append({k: local[k].to(dtype or local[k].dtype, copy=True) for k in names})
         return out
 
     @property
@@ -243,9 +248,10 @@ class DSCheckpoint:
         if extra:
             raise CheckpointError(f"{self.dir}: unexpected tensors in group {group}: {extra[:4]}")
 
-    def full_group(self, group: str) -> dict[str, Tensor]:
-        """The full (TP=1, unpadded, fp32) tensors of one layer group, shapes checked."""
-        full = rules.merge_dicts(self.shards(group), self.cfg)
+    def full_group(self, group: str, keep_dtype: bool = False) -> dict[str, Tensor]:
+        """The full (TP=1, unpadded) tensors of one layer group, shapes checked: fp32, or in
+        the saved dtype with ``keep_dtype`` (bf16 runs: bf16)."""
+        full = rules.merge_dicts(self.shards(group, keep_dtype), self.cfg)
         for k, v in full.items():
             rules.check_full(k, v, self.cfg)
         return full
@@ -253,47 +259,47 @@ class DSCheckpoint:
     # ---- optimizer state ------------------------------------------------------------------
 
     def optimizer_group(self, group: str) -> dict[str, dict[str, Tensor]]:
-        """Full fp32 master weights and Adam moments of ``group``: {kind: {name: tensor}}.
+        """Full master weights and Adam moments of ``group`` (as saved: fp32): {kind: {name:
+        tensor}}, merged one tensor at a time.
 
-        Reads only the byte ranges of ``group``'s parameters (memory-mapped DP files)."""
+        Reads only the byte ranges of ``group``'s parameters from memory-mapped DP files, which
+        are opened for this group and closed after it (resident pages: one group's)."""
         stage = stage_of(group, self.cfg, self.bounds)[0]
+        per_rank = [self._rank_states(group, stage, r) for r in range(self.tp)]
+        out: dict[str, dict[str, Tensor]] = {k: {} for k in OPT_KEYS}
+        for k in OPT_KEYS:
+            for n in list(per_rank[0][k]):
+                out[k][n] = rules.merge_tensor(n, [p[k].pop(n) for p in per_rank], self.cfg)
+        return out
+
+    def _rank_states(self, group: str, stage: int, r: int) -> dict[str, dict[str, Tensor]]:
+        """TP rank ``r``'s shards of ``group``'s optimizer state: {kind: {name: tensor}}."""
         order = stage_param_order(self.cfg, self.pp, stage, self.bounds)
         names = set(rules.group_names(group, self.cfg))
-        per_rank: dict[str, list[dict[str, Tensor]]] = {k: [] for k in OPT_KEYS}
-        for r in range(self.tp):
-            mp = stage * self.tp + r
-            shapes = safe_load(model_file(self.dir, mp))["param_shapes"]
-            reader = self._reader(mp)
-            got: dict[str, dict[str, Tensor]] = {k: {} for k in OPT_KEYS}
-            for g, gnames in enumerate(zero_groups(self.cfg, order)):
-                eng = [engine_name(n, self.cfg, self.pp) for n in gnames]
-                if list(shapes[g]) != eng:
-                    raise CheckpointError(
-                        f"{model_file(self.dir, mp)}: optimizer group {g} holds "
-                        f"{list(shapes[g])[:3]}..., expected {eng[:3]}..."
-                    )
-                numels = [int(torch.Size(shapes[g][e]).numel()) for e in eng]
-                total, off = sum(numels), 0
-                for n, e, numel in zip(gnames, eng, numels):
-                    if n in names:
-                        part = reader.read(g, total, off, numel)
-                        for k in OPT_KEYS:
-                            got[k][n] = part[k].view(tuple(shapes[g][e]))
-                    off += numel
-            for k in OPT_KEYS:
-                per_rank[k].append(got[k])
-        return {k: rules.merge_dicts(per_rank[k], self.cfg) for k in OPT_KEYS}
+        mp = stage * self.tp + r
+        shapes = safe_load(model_file(self.dir, mp))["param_shapes"]
 
-    def _reader(self, mp: int) -> zero_state.FlatReader:
-        """One reader per mp rank, kept: each DP file's pickle is parsed once per conversion."""
-        if mp not in self._readers:
+        def load(d: int) -> dict:
+            return safe_load(optim_file(self.dir, d, mp, self.optim_prefix))["optimizer_state_dict"]
 
-            def load(d: int) -> dict:
-                path = optim_file(self.dir, d, mp, self.optim_prefix)
-                return safe_load(path)["optimizer_state_dict"]
-
-            self._readers[mp] = zero_state.FlatReader(load, self.dp, str(self.dir))
-        return self._readers[mp]
+        reader = zero_state.FlatReader(load, self.dp, str(self.dir))
+        got: dict[str, dict[str, Tensor]] = {k: {} for k in OPT_KEYS}
+        for g, gnames in enumerate(zero_groups(self.cfg, order)):
+            eng = [engine_name(n, self.cfg, self.pp) for n in gnames]
+            if list(shapes[g]) != eng:
+                raise CheckpointError(
+                    f"{model_file(self.dir, mp)}: optimizer group {g} holds "
+                    f"{list(shapes[g])[:3]}..., expected {eng[:3]}..."
+                )
+            numels = [int(torch.Size(shapes[g][e]).numel()) for e in eng]
+            total, off = sum(numels), 0
+            for n, e, numel in zip(gnames, eng, numels):
+                if n in names:
+                    part = reader.read(g, total, off, numel)
+                    for k in OPT_KEYS:
+                        got[k][n] = part[k].view(tuple(shapes[g][e]))
+                off += numel
+        return got
 
     def optimizer_common(self) -> dict[str, Any]:
         """Rank 0's optimizer file less its partitioned tensors (step, hyper-parameters, loss
@@ -315,11 +321,16 @@ OPT_KEYS = ("master", "exp_avg", "exp_avg_sq")
 
 
 class DSWriter:
-    """Write side: DeepSpeed-loadable files for a target TP/PP/DP, one layer group at a time.
+    """Write side: DeepSpeed-loadable files for a target TP/PP/DP, streaming one layer group at a
+    time.
 
-    PP > 1 layer files are written as each group arrives. PP = 1 keeps each TP rank's module
-    until ``finish`` (DeepSpeed stores it as one file per TP rank). With optimizer state, each
-    target stage's flat ZeRO groups are assembled at ``finish``.
+    PP > 1 layer files are written as each group arrives. A target stage's bookkeeping files
+    (``mp_rank_*``; at PP = 1 the whole module of each TP rank) and, with ``optimizer`` (the
+    source's :meth:`DSCheckpoint.optimizer_common`), its ZeRO files are written as soon as the
+    stage's last group arrives, and its optimizer shards dropped: the writer holds at most one
+    target stage's optimizer state (plus the tied embedding's, kept for the last stage).
+    ``dtype``: the weights are cast to it; None keeps each tensor's dtype. Optimizer tensors
+    are never cast.
     """
 
     def __init__(
@@ -329,24 +340,37 @@ class DSWriter:
         tp: int,
         pp: int,
         dp: int = 1,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = torch.float32,
+        engine_state: dict[str, Any] | None = None,
+        optimizer: dict[str, Any] | None = None,
     ):
         self.dir, self.cfg, self.tp, self.pp, self.dp = out_dir, cfg, tp, pp, dp
-        self.dtype = dtype  # of the weights (bf16 runs save bf16 weights; masters are fp32)
+        self.dtype = dtype
+        self.engine_state, self.common = engine_state or {}, optimizer
         self.bounds = stage_bounds(cfg, pp)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.modules: list[dict[str, Tensor]] = [{} for _ in range(tp)]
         self.opt: dict[tuple[int, str], dict[str, Tensor]] = {}  # (tp_rank, name) -> states
+        self.orders = [stage_param_order(cfg, pp, s, self.bounds) for s in range(pp)]
+        self.pending = [set(o) for o in self.orders]  # names each stage still waits for
+        self.written: list[int] = []  # stages whose files are written, in that order
+        self.opt_dtype: dict[str, torch.dtype] = {}  # of each optimizer kind, as read
+        self.numel: dict[str, int] = {}  # elements of each tensor's optimizer shard
 
     def write_group(self, group: str, full: dict[str, Tensor], opt=None) -> None:
-        """Shard and write one layer group. Consumes ``full``: each full tensor is dropped as
-        soon as it is sharded, so the peak is the group's shards plus one full tensor."""
+        """Shard and write one layer group; then the files of every stage it completes.
+
+        Consumes ``full`` and ``opt`` ({kind: {name: full tensor}}): each full tensor is dropped
+        as soon as it is sharded, so the peak is the group's shards plus one full tensor."""
+        if (opt is None) != (self.common is None):
+            raise ValueError("optimizer state needs DSWriter(optimizer=...), and the reverse")
         names = list(full)
         shards: list[dict[str, Tensor]] = [{} for _ in range(self.tp)]
         for n in names:
             t = full.pop(n)
             for r in range(self.tp):
-                shards[r][n] = rules.shard_tensor(n, t, self.cfg, self.tp, r).to(self.dtype)
+                shard = _own(n, t, self.cfg, self.tp, r)
+                shards[r][n] = shard if self.dtype is None else shard.to(self.dtype)
             del t
         for r in range(self.tp):
             if self.pp == 1:
@@ -356,102 +380,135 @@ class DSWriter:
                 idx = rules.pipe_index(group, self.cfg)
                 torch.save(local, layer_file(self.dir, idx, r))
             shards[r] = {}
-            if opt is not None:
-                for n in names:
-                    self.opt[(r, n)] = {
-                        k: rules.shard_tensor(n, opt[k][n], self.cfg, self.tp, r) for k in OPT_KEYS
-                    }
+        for n in names if opt is not None else ():
+            states = {k: opt[k].pop(n) for k in OPT_KEYS}
+            self.opt_dtype = {k: v.dtype for k, v in states.items()}
+            for r in range(self.tp):
+                self.opt[(r, n)] = {k: _own(n, v, self.cfg, self.tp, r) for k, v in states.items()}
+            self.numel[n] = self.opt[(0, n)]["master"].numel()  # the same on every TP rank
+            del states
+        for s in stage_of(group, self.cfg, self.bounds):
+            self.pending[s] -= set(names)
+            if not self.pending[s]:
+                self._write_stage(s)
 
-    def finish(self, engine_state: dict[str, Any], common: dict[str, Any] | None) -> None:
+    def finish(self) -> None:
+        """Check that every stage was written (every layer group arrived)."""
+        missing = [s for s in range(self.pp) if s not in self.written]
+        if missing:
+            left = sorted({rules.group_of(n) for s in missing for n in self.pending[s]})
+            raise CheckpointError(f"{self.dir}: stages {missing} never got groups {left[:4]}")
+
+    def _write_stage(self, s: int) -> None:
+        """Stage ``s``'s ``mp_rank`` files (and ZeRO files); then drop what no stage needs."""
         from deepspeed import __version__ as ds_version
 
-        for s in range(self.pp):
-            order = stage_param_order(self.cfg, self.pp, s, self.bounds)
-            groups = zero_groups(self.cfg, order)
-            for r in range(self.tp):
-                mp = s * self.tp + r
-                shapes = [
-                    OrderedDict(
-                        (
-                            engine_name(n, self.cfg, self.pp),
-                            torch.Size(_shard_shape(n, self.cfg, self.tp)),
-                        )
-                        for n in g
+        groups = zero_groups(self.cfg, self.orders[s])
+        eng = self.engine_state
+        for r in range(self.tp):
+            shapes = [
+                OrderedDict(
+                    (
+                        engine_name(n, self.cfg, self.pp),
+                        torch.Size(rules.shard_shape(n, self.cfg, self.tp)),
                     )
-                    for g in groups
-                ]
-                state = {
-                    "module": self.modules[r] if self.pp == 1 else None,
-                    "buffer_names": [],
-                    "optimizer": None,
-                    "param_shapes": shapes,
-                    "frozen_param_shapes": None,
-                    "shared_params": {},
-                    "frozen_param_fragments": None,
-                    "lr_scheduler": None,
-                    "data_sampler": None,
-                    "random_ltd": None,
-                    "skipped_steps": engine_state.get("skipped_steps") or 0,
-                    "global_steps": engine_state.get("global_steps") or 0,
-                    "global_samples": engine_state.get("global_samples") or 0,
-                    "dp_world_size": self.dp,
-                    "mp_world_size": self.tp * self.pp,
-                    "checkpoint_parallel_dimensions": {"pp_degree": self.pp, "tp_degree": self.tp},
-                    "ds_config": engine_state.get("ds_config"),
-                    "ds_version": ds_version,
-                }
-                torch.save(state, model_file(self.dir, mp))
-                if common is not None:
-                    self._write_optimizer(s, r, groups, common)
-        self.modules = [{} for _ in range(self.tp)]
+                    for n in g
+                )
+                for g in groups
+            ]
+            state = {
+                "module": self.modules[r] if self.pp == 1 else None,
+                "buffer_names": [],
+                "optimizer": None,
+                "param_shapes": shapes,
+                "frozen_param_shapes": None,
+                "shared_params": {},
+                "frozen_param_fragments": None,
+                "lr_scheduler": None,
+                "data_sampler": None,
+                "random_ltd": None,
+                "skipped_steps": eng.get("skipped_steps") or 0,
+                "global_steps": eng.get("global_steps") or 0,
+                "global_samples": eng.get("global_samples") or 0,
+                "dp_world_size": self.dp,
+                "mp_world_size": self.tp * self.pp,
+                "checkpoint_parallel_dimensions": {"pp_degree": self.pp, "tp_degree": self.tp},
+                "ds_config": eng.get("ds_config"),
+                "ds_version": ds_version,
+            }
+            torch.save(state, model_file(self.dir, s * self.tp + r))
+            if self.pp == 1:
+                self.modules[r] = {}
+            if self.common is not None:
+                self._write_optimizer(s, r, groups)
+        self.written.append(s)
+        for n in self.orders[s]:
+            if not self._needed_later(n, s):
+                for r in range(self.tp):
+                    self.opt.pop((r, n), None)
 
-    def _write_optimizer(self, stage: int, r: int, groups: list[list[str]], common) -> None:
-        """One file per DP rank, in the source's format (ZeRO or BF16_Optimizer) and prefix."""
+    def _needed_later(self, name: str, stage: int) -> bool:
+        """Whether a stage other than ``stage`` and not written yet holds ``name`` (the tied
+        embedding: the last stage)."""
+        stages = stage_of(rules.group_of(name), self.cfg, self.bounds)
+        return any(s != stage and s not in self.written for s in stages)
+
+    def _partition(self, r: int, names: list[str], lo: int, hi: int, keep: set[str]):
+        """Flat elements ``[lo, hi)`` of ``names``' states on TP rank ``r`` (zero past the end),
+        cut from the per-tensor shards, and DeepSpeed's ``param_slice_mappings`` of them.
+        Shards that end inside the range are dropped unless in ``keep`` (DP ranks go in order,
+        so the partition replaces what it consumed)."""
         from deepspeed.utils.tensor_fragment import fragment_address
 
+        pieces: dict[str, list[Tensor]] = {k: [] for k in OPT_KEYS}
+        mapping, off = OrderedDict(), 0
+        for n in names:
+            st, numel = self.opt.get((r, n)), self.numel[n]
+            a, b = max(off, lo), min(off + numel, hi)
+            if a < b:
+                for k in OPT_KEYS:
+                    pieces[k].append(st[k].reshape(-1)[a - off : b - off])
+                mapping[engine_name(n, self.cfg, self.pp)] = fragment_address(
+                    numel=b - a, start=a - lo
+                )
+            off += numel
+            if off <= hi and n not in keep:
+                self.opt.pop((r, n), None)
+        part = {}
+        for k in OPT_KEYS:
+            got = sum(p.numel() for p in pieces[k])
+            part[k] = torch.cat([*pieces[k], torch.zeros(hi - lo - got, dtype=self.opt_dtype[k])])
+            pieces[k] = []
+        return part, mapping
+
+    def _write_optimizer(self, stage: int, r: int, groups: list[list[str]]) -> None:
+        """One file per DP rank, in the source's format (ZeRO or BF16_Optimizer) and prefix;
+        each DP rank's partition is cut straight from the shards (no whole flat group)."""
+        common = self.common
         mp = stage * self.tp + r
-        flats = [
-            {k: torch.cat([self.opt[(r, n)][k].reshape(-1) for n in g]) for k in OPT_KEYS}
-            for g in groups
-        ]
-        totals = [f["master"].numel() for f in flats]
+        totals = [sum(self.numel[n] for n in g) for g in groups]
+        keep = {n for g in groups for n in g if self._needed_later(n, stage)}
         for d in range(self.dp):
             parts, mappings = [], []
-            for g, flat, total in zip(groups, flats, totals):
+            for g, total in zip(groups, totals):
                 part = zero_state.partition_numel(total, self.dp)
-                lo, hi = d * part, (d + 1) * part
-                parts.append(
-                    {
-                        k: torch.cat([v[lo:hi], v.new_zeros(max(0, hi - max(lo, total)))])
-                        for k, v in flat.items()
-                    }
-                )
-                m, off = OrderedDict(), 0
-                for n in g:
-                    numel = self.opt[(r, n)]["master"].numel()
-                    a, b = max(off, lo), min(off + numel, hi)
-                    if a < b:
-                        m[engine_name(n, self.cfg, self.pp)] = fragment_address(
-                            numel=b - a, start=a - lo
-                        )
-                    off += numel
+                p, m = self._partition(r, g, d * part, (d + 1) * part, keep)
+                parts.append(p)
                 mappings.append(m)
+            sizes = [len(g) for g in groups]
             osd = zero_state.build_osd(
-                common["template"], parts, totals, self.dp, d, mappings, [len(g) for g in groups]
+                common["template"], parts, totals, self.dp, d, mappings, sizes, copy=False
             )
+            del parts  # osd holds the partitions (the last trimmed ZeRO master: a copy)
             torch.save(
                 {**common["top"], "optimizer_state_dict": osd},
                 optim_file(self.dir, d, mp, common["prefix"]),
             )
+            del osd
 
 
-def _shard_shape(name: str, cfg: ModelConfig, tp: int) -> tuple[int, ...]:
-    shape = list(rules.full_shape(name, cfg))
-    kind = rules.tp_kind(name)
-    if kind == "vocab":
-        shape[0] = cfg.padded_vocab_size(tp)
-    split = rules.SPLIT_DIMS[kind]
-    if split is not None:
-        dim = split[0] if split[0] < len(shape) else 0
-        shape[dim] //= tp
-    return tuple(shape)
+def _own(name: str, full: Tensor, cfg: ModelConfig, tp: int, tp_rank: int) -> Tensor:
+    """TP rank ``tp_rank``'s shard of ``full`` in storage of its own: a view would keep the whole
+    tensor alive until every rank's shard is written, and ``torch.save`` would write all of it."""
+    t = rules.shard_tensor(name, full, cfg, tp, tp_rank)
+    return t.clone() if t._base is not None else t

@@ -3,6 +3,10 @@
 Conv1D weights in Hugging Face are stored (in, out): the transpose of ``nn.Linear``'s (out, in).
 The fused ``c_attn`` output is [q | k | v], exactly our global QKV layout, so it maps by a
 transpose only. ``lm_head.weight`` is tied to ``transformer.wte.weight`` and never stored.
+
+The Llama family (Llama, Mistral, Qwen2) has its table in ``hf_llama.py``; the functions here
+that take a config or an HF folder dispatch on ``config.json``'s ``model_type`` (import) and on
+``export_architecture(cfg)`` (export). The safetensors reader and writer serve both.
 """
 
 from __future__ import annotations
@@ -97,10 +101,15 @@ _UNSUPPORTED = {  # HF GPT-2 options whose non-default value our model does not 
 
 def config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> ModelConfig:
     """ModelConfig from an HF ``config.json`` dict; other architectures are refused."""
+    from mtnlg.checkpoint import hf_llama
+
+    if hf.get("model_type") in hf_llama.MODEL_TYPES:
+        return hf_llama.config_from_hf(hf, make_vocab_size_divisible_by)
     if hf.get("model_type") != "gpt2":
         raise CheckpointError(
             f"unsupported Hugging Face architecture model_type={hf.get('model_type')!r} "
-            f"({hf.get('architectures')}): only GPT-2 (GPT2LMHeadModel) converts"
+            f"({hf.get('architectures')}): only GPT-2 (GPT2LMHeadModel), Llama, Mistral and "
+            "Qwen2 (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM) convert"
         )
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -127,9 +136,41 @@ def config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> ModelCo
     )
 
 
+GPT2_ARCH = "GPT2LMHeadModel"
+
+
+def export_architecture(cfg: ModelConfig) -> str:
+    """The HF architecture ``cfg`` exports to: ``cfg.extra["hf_architecture"]`` when the import
+    set it, else GPT-2 for GPT-2 features, Llama (Qwen2 with a QKV bias) for RoPE + RMSNorm +
+    SwiGLU. A config the architecture cannot represent is refused."""
+    from mtnlg.checkpoint import hf_llama
+
+    arch = cfg.extra.get("hf_architecture")
+    if arch is None and hf_llama.is_llama_style(cfg):
+        arch = "Qwen2ForCausalLM" if cfg.add_qkv_bias else "LlamaForCausalLM"
+    arch = arch or GPT2_ARCH
+    if arch in hf_llama.ARCH_CONFIG:
+        hf_llama.check_exportable(cfg, arch)
+        return arch
+    if arch != GPT2_ARCH:
+        raise CheckpointError(f"hf_architecture={arch!r}: no Hugging Face export for it")
+    if not cfg.gpt2_compatible:
+        opts = ("position_embedding_type", "normalization", "swiglu", "num_query_groups")
+        have = {k: getattr(cfg, k) for k in (*opts, "tied", "add_bias_linear")}
+        raise CheckpointError(f"{GPT2_ARCH} export: this model config is not GPT-2's ({have})")
+    return arch
+
+
 def hf_config_dict(cfg: ModelConfig, eod: int | None, dtype: torch.dtype) -> dict:
-    """A complete GPT-2 ``config.json`` (through ``transformers.GPT2Config``)."""
+    """A complete ``config.json`` (GPT-2 through ``transformers.GPT2Config``; the Llama family
+    through its own config class)."""
     from transformers import GPT2Config
+
+    arch = export_architecture(cfg)
+    if arch != GPT2_ARCH:
+        from mtnlg.checkpoint import hf_llama
+
+        return hf_llama.hf_config_dict(cfg, arch, eod, dtype)
 
     eos = eod if eod is not None else cfg.vocab_size - 1
     conf = GPT2Config(
@@ -162,7 +203,8 @@ SAFE_INDEX = "model.safetensors.index.json"
 
 
 class HFReader:
-    """Lazy tensor access to a GPT-2 folder (``model.safetensors`` or a sharded index)."""
+    """Lazy tensor access to an HF folder (``model.safetensors`` or a sharded index) by
+    ``GPTModel`` names: GPT-2 or, by ``model_type``, the Llama family (fused on read)."""
 
     def __init__(self, folder: str | Path):
 
@@ -190,12 +232,19 @@ class HFReader:
                 if weight_map is not None and weight_map.get(k) != f:
                     continue
                 self.weight_map[k] = f
-        self._ours: dict[str, tuple[str, bool]] = {}
+        from mtnlg.checkpoint import hf_llama
+
+        self.llama = self.config.get("model_type") in hf_llama.MODEL_TYPES
+        if not self.llama and self.config.get("model_type") != "gpt2":
+            config_from_hf(self.config)  # refuses the architecture by name
+        tied = self.config.get("tie_word_embeddings", False)
+        self._ours: dict[str, list[tuple[str, bool | str | None]]] = {}
         for k in self.weight_map:
-            mapped = hf_to_ours_name(k)
+            mapped = hf_llama.hf_to_ours_name(k, tied) if self.llama else hf_to_ours_name(k)
             if mapped is not None:
-                self._ours[mapped[0]] = (k, mapped[1])
+                self._ours.setdefault(mapped[0], []).append((k, mapped[1]))
         self.has_lm_head = any(k.endswith("lm_head.weight") for k in self.weight_map)
+        self._cfg: ModelConfig | None = None
 
     def names(self) -> list[str]:
         return list(self._ours)
@@ -204,9 +253,23 @@ class HFReader:
         """One GPTModel-named tensor in fp32 (read from disk now)."""
         if name not in self._ours:
             raise CheckpointError(f"{self.folder}: missing tensor for {name!r}")
-        hf_name, transpose = self._ours[name]
+        if self.llama:
+            return self._get_llama(name)
+        ((hf_name, transpose),) = self._ours[name]
         t = self._read(hf_name).float()
         return (t.t() if transpose else t).contiguous()
+
+    def _get_llama(self, name: str) -> Tensor:
+        from mtnlg.checkpoint import hf_llama
+
+        if self._cfg is None:
+            self._cfg = hf_llama.config_from_hf(self.config)
+        have = {part: k for k, part in self._ours[name]}
+        for hf_name, part in hf_llama.ours_to_hf_names(name):
+            if part not in have:
+                raise CheckpointError(f"{self.folder}: missing tensor {hf_name!r} (for {name!r})")
+        parts = {part: self._read(k).float() for part, k in have.items()}
+        return hf_llama.combine(name, parts, self._cfg).contiguous()
 
     def _read(self, hf_name: str) -> Tensor:
         """One tensor by plain reads (no mmap: only this tensor's bytes enter memory)."""
@@ -226,12 +289,15 @@ class HFReader:
         return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
 
     def check_tied_head(self) -> None:
+        if self.llama and not self.config.get("tie_word_embeddings", False):
+            return  # lm_head.weight is the output layer's own tensor
         if not self.has_lm_head:
             return
         key = next(k for k in self.weight_map if k.endswith("lm_head.weight"))
         head = self._read(key).float()
         if not torch.equal(head, self.get("embedding.word_embeddings.weight")):
-            raise CheckpointError("lm_head.weight differs from transformer.wte.weight (untied)")
+            embed = "model.embed_tokens.weight" if self.llama else "transformer.wte.weight"
+            raise CheckpointError(f"lm_head.weight differs from {embed} (untied)")
 
 
 _ST_DTYPES = {
@@ -270,15 +336,30 @@ _SAFE_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F1
 
 
 def hf_plan(cfg: ModelConfig) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(our name, HF name, HF shape) of every stored tensor, in ``expected_names`` order."""
+    """(our name, HF name, HF shape) of every stored tensor, in ``expected_names`` order (a
+    fused tensor of the Llama family gives one entry per HF piece)."""
+    from mtnlg.checkpoint import hf_llama
     from mtnlg.checkpoint.rules import expected_names, full_shape
 
+    llama = export_architecture(cfg) != GPT2_ARCH
     plan = []
     for name in expected_names(cfg):
-        hf_name, transpose = ours_to_hf_name(name)
         shape = full_shape(name, cfg)
+        if llama:
+            plan += [(name, n, sh) for n, sh in hf_llama.hf_shapes(name, shape, cfg)]
+            continue
+        hf_name, transpose = ours_to_hf_name(name)
         plan.append((name, hf_name, tuple(reversed(shape)) if transpose else shape))
     return plan
+
+
+def to_hf_tensors(name: str, t: Tensor, cfg: ModelConfig) -> list[tuple[str, Tensor]]:
+    """[(HF name, tensor)] of one full GPTModel tensor, for ``cfg``'s export architecture."""
+    from mtnlg.checkpoint import hf_llama
+
+    if export_architecture(cfg) != GPT2_ARCH:
+        return hf_llama.to_hf_tensors(name, t, cfg)
+    return [to_hf_tensor(name, t)]
 
 
 class HFShardWriter:
@@ -373,6 +454,8 @@ def write_hf_tokenizer(tokenizer, out: Path, cfg: ModelConfig) -> None:
         return
     tokenizer.save(out)
     (out / "mtnlg_tokenizer.json").unlink(missing_ok=True)
+    if (out / "tokenizer_config.json").is_file():
+        return  # the source's own HF tokenizer files, carried (HFTokenizer)
     eos = "<|endoftext|>"
     try:
         eos = tokenizer.detokenize([tokenizer.eod])
@@ -393,9 +476,15 @@ def write_hf_tokenizer(tokenizer, out: Path, cfg: ModelConfig) -> None:
 
 
 def read_hf_tokenizer(folder: Path):
-    """Our Tokenizer for an HF folder (GPT-2 BPE files, else tokenizer.json), or None."""
+    """Our Tokenizer for an HF folder (GPT-2 BPE files, else tokenizer.json), or None. For
+    other than GPT-2 models, ``tokenizer.json`` comes first (Qwen2 ships both, and only the
+    tokenizer.json has its pre-tokenizer and added tokens)."""
     from mtnlg.data.tokenizer import GPT2BPETokenizer, HFTokenizer
 
+    conf = folder / "config.json"
+    model_type = json.loads(conf.read_text()).get("model_type") if conf.is_file() else None
+    if model_type not in (None, "gpt2") and (folder / "tokenizer.json").is_file():
+        return HFTokenizer(folder)
     if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         return GPT2BPETokenizer(folder / "vocab.json", folder / "merges.txt")
     if (folder / "tokenizer.json").is_file():

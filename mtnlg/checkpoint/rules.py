@@ -7,10 +7,15 @@ kind           tensors                                     split / merge
 =============  ==========================================  =============================
 vocab          ``embedding.word_embeddings.weight``        dim 0, padded with zero rows
 column         ``mlp.up.{weight,bias}``                    dim 0
-column_qkv     ``attention.qkv.{weight,bias}``             dim 0, stride 3 ([q | k | v])
+column_qkv     ``attention.qkv.{weight,bias}``             dim 0, stride 3 ([q | k | v]);
+                                                           GQA: ``tensor_parallel.gqa``
 row            ``attention.dense.weight``, ``mlp.down.weight``  dim 1
 replicated     LayerNorms, row-parallel biases, positions  copied (merge checks equality)
 =============  ==========================================  =============================
+
+``mlp.up`` splits with stride 2 under ``--swiglu`` ([gate | up]); ``output_layer.weight`` (an
+untied output layer) is a vocab tensor like the embedding. Which names exist follows the config
+(no position table with RoPE, no norm biases with RMSNorm, no linear biases when disabled).
 
 All functions here are pure: tensors in, tensors out, no files and no process groups.
 """
@@ -23,9 +28,11 @@ import torch
 from torch import Tensor
 
 from mtnlg.config import ModelConfig
+from mtnlg.tensor_parallel.gqa import gqa_merge, gqa_split
 from mtnlg.tensor_parallel.layers import merge_partitions, split_tensor_for_rank
 
 WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
+OUTPUT_LAYER = "output_layer.weight"
 
 # (regex on the GPTModel name, kind); the first match wins.
 TP_RULES: list[tuple[re.Pattern, str]] = [
@@ -39,6 +46,7 @@ TP_RULES: list[tuple[re.Pattern, str]] = [
     (re.compile(r"^layers\.\d+\.mlp\.down\.weight$"), "row"),
     (re.compile(r"^layers\.\d+\.mlp\.down\.bias$"), "replicated"),
     (re.compile(r"^final_norm\.(weight|bias)$"), "replicated"),
+    (re.compile(r"^output_layer\.weight$"), "vocab"),  # untied output layer
     (re.compile(r"^score\.weight$"), "replicated"),  # classification head (finetuning)
 ]
 
@@ -66,10 +74,14 @@ def tp_kind(name: str) -> str:
 
 def expected_names(cfg: ModelConfig) -> list[str]:
     """Every ``GPTModel`` parameter name, in module order."""
-    names = [WORD_EMBEDDINGS, "embedding.position_embeddings.weight"]
+    names = [WORD_EMBEDDINGS]
+    if not cfg.use_rope:
+        names.append("embedding.position_embeddings.weight")
+    block = block_params(cfg)
     for i in range(cfg.num_layers):
-        names += [f"layers.{i}.{n}" for n in BLOCK_PARAMS]
-    return names + ["final_norm.weight", "final_norm.bias"]
+        names += [f"layers.{i}.{n}" for n in block]
+    names += ["final_norm.weight"] + ([] if cfg.normalization == "rmsnorm" else ["final_norm.bias"])
+    return names + ([] if cfg.tied else [OUTPUT_LAYER])
 
 
 BLOCK_PARAMS = [
@@ -86,32 +98,75 @@ BLOCK_PARAMS = [
     "mlp.down.weight",
     "mlp.down.bias",
 ]
+"""A GPT-2 block's parameters; ``block_params(cfg)`` drops those a config does not have."""
+
+
+def block_params(cfg: ModelConfig) -> list[str]:
+    """The parameters of one transformer block under ``cfg``, in module order."""
+    absent = set()
+    if cfg.normalization == "rmsnorm":
+        absent |= {"ln_1.bias", "ln_2.bias"}
+    if not cfg.qkv_bias:
+        absent.add("attention.qkv.bias")
+    if not cfg.add_bias_linear:
+        absent |= {"attention.dense.bias", "mlp.up.bias", "mlp.down.bias"}
+    return [n for n in BLOCK_PARAMS if n not in absent]
 
 
 def full_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
     """Shape of ``name`` in the full (TP=1, unpadded) state dict."""
     h, f = cfg.hidden_size, cfg.ffn_hidden_size
-    if name == WORD_EMBEDDINGS:
+    if name in (WORD_EMBEDDINGS, OUTPUT_LAYER):
         return (cfg.vocab_size, h)
     if name == "embedding.position_embeddings.weight":
         return (cfg.max_position_embeddings, h)
     leaf = name.split(".", 2)[-1] if name.startswith("layers.") else name
+    qkv = (cfg.num_attention_heads + 2 * cfg.kv_groups) * cfg.head_dim
+    up = 2 * f if cfg.swiglu else f
     return {
         "ln_1.weight": (h,),
         "ln_1.bias": (h,),
         "ln_2.weight": (h,),
         "ln_2.bias": (h,),
-        "attention.qkv.weight": (3 * h, h),
-        "attention.qkv.bias": (3 * h,),
+        "attention.qkv.weight": (qkv, h),
+        "attention.qkv.bias": (qkv,),
         "attention.dense.weight": (h, h),
         "attention.dense.bias": (h,),
-        "mlp.up.weight": (f, h),
-        "mlp.up.bias": (f,),
+        "mlp.up.weight": (up, h),
+        "mlp.up.bias": (up,),
         "mlp.down.weight": (h, f),
         "mlp.down.bias": (h,),
         "final_norm.weight": (h,),
         "final_norm.bias": (h,),
     }[leaf]
+
+
+def split_of(name: str, cfg: ModelConfig) -> tuple[int, int] | str | None:
+    """How ``name`` splits over TP under ``cfg``: (dim, stride), ``"gqa"``, or None (replicated)."""
+    kind = tp_kind(name)
+    if kind == "column_qkv" and cfg.num_query_groups is not None:
+        return "gqa"
+    if kind == "column" and cfg.swiglu:
+        return (0, 2)  # [gate | up]
+    return SPLIT_DIMS[kind]
+
+
+def shard_shape(name: str, cfg: ModelConfig, tp: int) -> tuple[int, ...]:
+    """Shape of one TP rank's shard of ``name`` (vocabulary padded for ``tp``)."""
+    shape = list(full_shape(name, cfg))
+    if tp_kind(name) == "vocab":
+        shape[0] = cfg.padded_vocab_size(tp)
+    split = split_of(name, cfg)
+    if split == "gqa":
+        d, g = cfg.head_dim, cfg.kv_groups
+        rows = (
+            shape[0] // tp if g % tp == 0 else cfg.num_attention_heads // tp * d + 2 * d * g // tp
+        )
+        shape[0] = rows
+    elif split is not None:
+        dim = split[0] if split[0] < len(shape) else 0
+        shape[dim] //= tp
+    return tuple(shape)
 
 
 def check_full(name: str, t: Tensor, cfg: ModelConfig) -> None:
@@ -132,10 +187,12 @@ def pad_vocab(t: Tensor, cfg: ModelConfig, tp: int) -> Tensor:
 
 def shard_tensor(name: str, full: Tensor, cfg: ModelConfig, tp: int, tp_rank: int) -> Tensor:
     """This TP rank's shard of one full tensor (padded first if it is the vocabulary)."""
-    kind = tp_kind(name)
-    if kind == "vocab":
+    if tp_kind(name) == "vocab":
         full = pad_vocab(full, cfg, tp)
-    split = SPLIT_DIMS[kind]
+    split = split_of(name, cfg)
+    if split == "gqa":
+        nh, g, d = cfg.num_attention_heads, cfg.kv_groups, cfg.head_dim
+        return gqa_split(full, nh, g, d, tp, tp_rank).contiguous()
     if split is None or tp == 1:
         return full.clone() if split is None else full.contiguous()
     dim, stride = split
@@ -150,7 +207,9 @@ def merge_tensor(name: str, parts: list[Tensor], cfg: ModelConfig, check: bool =
     Replicated tensors must agree across ranks (``check``), else the checkpoint is refused.
     """
     kind = tp_kind(name)
-    split = SPLIT_DIMS[kind]
+    split = split_of(name, cfg)
+    if split == "gqa":
+        return gqa_merge(parts, cfg.num_attention_heads, cfg.kv_groups, cfg.head_dim)
     if split is None:
         if check:
             for r, p in enumerate(parts[1:], 1):
@@ -183,8 +242,10 @@ def merge_dicts(shards: list[dict[str, Tensor]], cfg: ModelConfig) -> dict[str, 
 
 
 def layer_groups(cfg: ModelConfig) -> list[str]:
-    """Streaming units in pipeline order: ``embedding``, ``layers.0`` .. ``final_norm``."""
-    return ["embedding"] + [f"layers.{i}" for i in range(cfg.num_layers)] + ["final_norm"]
+    """Streaming units in pipeline order: ``embedding``, ``layers.0`` .. ``final_norm`` (and
+    ``output_layer`` when untied)."""
+    groups = ["embedding"] + [f"layers.{i}" for i in range(cfg.num_layers)] + ["final_norm"]
+    return groups + ([] if cfg.tied else ["output_layer"])
 
 
 def group_of(name: str) -> str:
@@ -203,6 +264,8 @@ def pipe_index(group: str, cfg: ModelConfig) -> int:
         return 0
     if group == "final_norm":
         return cfg.num_layers + 1
+    if group == "output_layer":
+        return cfg.num_layers + 2
     return int(group.split(".")[1]) + 1
 
 

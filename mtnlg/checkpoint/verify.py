@@ -76,8 +76,10 @@ def _full_state(path: str, tag: str | None) -> tuple[ModelConfig, dict[str, Tens
 def _mtnlg_logits(cfg: ModelConfig, full: dict, ids: Tensor) -> Tensor:
     from mtnlg.checkpoint.api import load_into_model
     from mtnlg.model import GPTModel
+    from mtnlg.tensor_parallel import skip_init
 
-    model = GPTModel(cfg)
+    with skip_init():
+        model = GPTModel(cfg)
     load_into_model(model, full, 1, 0)
     model.eval()
     return model.full_logits(ids)  # (n, s, V)

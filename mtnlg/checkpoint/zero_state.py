@@ -110,7 +110,8 @@ class FlatReader:
         return self._cache[d]
 
     def read(self, g: int, total: int, start: int, numel: int) -> dict[str, Tensor]:
-        """Elements ``[start, start + numel)`` (within ``total``) of group ``g``, as fp32 copies."""
+        """Elements ``[start, start + numel)`` (within ``total``) of group ``g``: copies, in the
+        saved dtype (fp32)."""
         part = partition_numel(total, self.dp)
         pieces: dict[str, list[Tensor]] = {k: [] for k in KINDS}
         end = start + numel
@@ -123,7 +124,7 @@ class FlatReader:
                         f"{g}, expected at least {hi} (truncated, or another model?)"
                     )
                 pieces[k].append(t[lo:hi])
-        return {k: torch.cat(p).float() if p else torch.zeros(0) for k, p in pieces.items()}
+        return {k: torch.cat(p) if p else torch.zeros(0) for k, p in pieces.items()}
 
 
 def template(osd: dict) -> dict[str, Any]:
@@ -154,11 +155,14 @@ def build_osd(
     dp_rank: int,
     mappings: list | None = None,
     group_sizes: list[int] | None = None,
+    copy: bool = True,
 ) -> dict[str, Any]:
     """DP rank ``dp_rank``'s ``optimizer_state_dict`` in ``tmpl``'s format.
 
     ``parts[g]`` holds this rank's partition of group ``g`` (padded length, padding zero),
     ``totals[g]`` the group's unpadded length; ``group_sizes[g]`` its number of parameters.
+    ``copy=False`` takes the partitions' tensors over (the caller drops them) instead of
+    cloning them; a trimmed master is still copied (a view would save the whole storage).
     """
     zero = is_zero_format(tmpl)
     masters, state, paddings = [], {}, []
@@ -167,11 +171,12 @@ def build_osd(
         pad = part * dp - total if dp_rank == dp - 1 else 0
         paddings.append(pad)
         # ZeRO trims the last rank's master of its padding; BF16_Optimizer stores it whole
-        masters.append(p["master"][: part - pad].clone() if zero else p["master"].clone())
+        master = p["master"][: part - pad] if zero else p["master"]
+        masters.append(master.clone() if copy or master.numel() != p["master"].numel() else master)
         scalars = tmpl["base_optimizer_state"]["state"][g]
         state[g] = {
             **{k: (v.clone() if torch.is_tensor(v) else v) for k, v in scalars.items()},
-            **{k: p[k].clone() for k in MOMENTS},
+            **{k: p[k].clone() if copy else p[k] for k in MOMENTS},
         }
     osd = {k: v for k, v in tmpl.items() if k != "base_optimizer_state"}
     osd["base_optimizer_state"] = {

@@ -19,6 +19,7 @@ from mtnlg.data.errors import DataError
 
 TOKENIZER_TYPES = ("GPT2BPETokenizer", "HFTokenizer", "SentencePieceTokenizer")
 SPEC_FILE = "mtnlg_tokenizer.json"
+HF_SIDECARS = ("tokenizer_config.json", "special_tokens_map.json")
 EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<eod>", "<|eot_id|>")
 
 
@@ -185,6 +186,10 @@ class HFTokenizer(_HFBacked):
 
     def _save_files(self, out: Path) -> dict[str, str]:
         self._tok.save(str(out / "tokenizer.json"))
+        for name in HF_SIDECARS:  # eos and special tokens travel with it (HF exports reuse them)
+            src = self.path.parent / name
+            if src.is_file() and src.resolve() != (out / name).resolve():
+                shutil.copyfile(src, out / name)
         return {"tokenizer_type": self.tokenizer_type, "tokenizer_model": "tokenizer.json"}
 
 

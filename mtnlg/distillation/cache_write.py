@@ -46,7 +46,11 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    p.add_argument("--teacher", required=True, help="mtnlg checkpoint dir or HF GPT-2 folder")
+    p.add_argument(
+        "--teacher",
+        required=True,
+        help="mtnlg checkpoint dir or Hugging Face folder (GPT-2, Llama, Mistral, Qwen2)",
+    )
     p.add_argument("--cache-dir", required=True, help="where the cache is (or is being) written")
     p.add_argument("--top-k", type=int, default=32, help="teacher logits kept per token")
     p.add_argument("--cache-dtype", default="fp16", choices=list(DTYPES), help="stored logits")
@@ -166,7 +170,7 @@ def stage_forward(model, x: torch.Tensor) -> torch.Tensor:
         x = model.layers[str(i)](x)
     if model.final_norm is not None:
         x = model.final_norm(x)
-    return model.embedding.lm_logits(x) if model.has_head else x
+    return model.head_logits(x) if model.has_head else x
 
 
 class _Pipe:

@@ -36,7 +36,7 @@ from mtnlg.distributed.init import current_device, init_distributed, shutdown
 from mtnlg.distributed.topology import ParallelConfigError, ParallelDims, Topology
 from mtnlg.presets import preset_names
 from mtnlg.training import checkpointing
-from mtnlg.training.arguments import build_parser
+from mtnlg.training.arguments import apply_kernel_flags, build_parser
 from mtnlg.training.data import build_datasets, check_data_path
 from mtnlg.training.loop import Progress, train
 from mtnlg.training.metrics import MetricsLogger
@@ -81,6 +81,7 @@ def build_distill_parser(description: str) -> argparse.ArgumentParser:
 
 def run(argv: list[str] | None = None, description: str = __doc__) -> Progress:
     args = build_distill_parser(description).parse_args(argv)
+    apply_kernel_flags(args)
     init_distributed()
     try:
         return _run(args)
@@ -297,11 +298,12 @@ def gather_student_state(engine, topo, cfg) -> dict[str, torch.Tensor]:
 
 
 def export_student(engine, topo, cfg, tokenizer, out_dir: str) -> None:
-    """Write the student as a Hugging Face GPT-2 folder through the converter (rank 0)."""
+    """Write the student as a Hugging Face folder through the converter (rank 0): GPT-2, or the
+    Llama family the converter maps the student's architecture to."""
     from mtnlg.checkpoint import export_hf
 
     full = gather_student_state(engine, topo, cfg)
     if topo.rank == 0:
         export_hf(cfg, full, tokenizer, out_dir)
-        print(f"exported the student to {out_dir} (Hugging Face GPT-2)", flush=True)
+        print(f"exported the student to {out_dir} (Hugging Face)", flush=True)
     dist.barrier()

@@ -48,7 +48,7 @@ class DistillStudent(GPTModel):
         super().__init__(cfg, tp_group=tp_group, seed=seed)
         self.kd = kd or KDConfig()
         object.__setattr__(self, "_teacher", None)  # plain attribute: not a submodule
-        self.last_terms: tuple[float, float | None] | None = None
+        self.last_terms: tuple[torch.Tensor, torch.Tensor | None] | None = None
         """(cross-entropy, KL) of the last training forward, for logging."""
 
     @property
@@ -67,11 +67,13 @@ class DistillStudent(GPTModel):
         object.__setattr__(self, "_teacher", teacher.eval())
 
     def forward(self, input_ids: torch.Tensor, labels=None) -> torch.Tensor:
-        logits = self.embedding.lm_logits(self.hidden_states(input_ids))  # (b, s, V/tp)
+        hidden = self.hidden_states(input_ids)  # (b, s, h)
         if labels is None:
-            return logits
+            return self.head_logits(hidden)  # (b, s, V/tp), padding columns at -inf
+        # both losses exclude the vocabulary padding themselves and work in the logits buffer
+        logits = self.head_logits(hidden, mask_padding=False)  # (b, s, V/tp)
         if not self.training or self.kd.alpha == 0.0:
-            return self.loss_fn(logits, labels)
+            return self.loss_fn(logits, labels, inplace=True)
         if self._teacher is None:
             raise RuntimeError("DistillStudent: no teacher attached (attach_teacher)")
         labels, loss_mask = labels if isinstance(labels, (tuple, list)) else (labels, None)
@@ -86,6 +88,8 @@ class DistillStudent(GPTModel):
             temperature=self.kd.temperature,
             alpha=self.kd.alpha,
             mode=self.kd.mode,
+            vocab_size=self.cfg.vocab_size,
+            inplace=True,
         )
-        self.last_terms = (float(ce), None if kl is None else float(kl))
+        self.last_terms = (ce, kl)  # detached device tensors: no host sync per step
         return loss

@@ -3,6 +3,12 @@
 The student always shares the teacher's vocabulary and padding rule (the KL compares the two
 distributions token by token). Shape fields not given default to the teacher's, so
 ``--student-num-layers 6`` alone halves a 12-layer teacher keeping its width.
+
+The architecture (RoPE, RMSNorm, SwiGLU, GQA, untied output layer, biases) is the teacher's
+too, unless ``--student-preset`` names one (``--student-preset tiny`` gives a GPT-2-style
+student of a Llama teacher, ``llama-tiny`` a Llama-style student of a GPT-2 teacher); the
+ordinary model flags (``--position-embedding-type``, ``--num-query-groups``, ``--swiglu`` ...)
+then apply to the student, as ``--seq-length`` does.
 """
 
 from __future__ import annotations
@@ -14,17 +20,32 @@ from mtnlg.presets import get_preset
 
 STUDENT_SHAPE = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size")
 STUDENT_TRAIN = ("seq_length", "hidden_dropout", "attention_dropout", "init_method_std")
-STUDENT_TRAIN += ("layernorm_epsilon",)
+STUDENT_TRAIN += ("layernorm_epsilon", "max_position_embeddings")
+STUDENT_ARCH = (
+    "position_embedding_type",
+    "rotary_base",
+    "rotary_percent",
+    "normalization",
+    "swiglu",
+    "num_query_groups",
+    "untie_embeddings_and_output_weights",
+    "add_bias_linear",
+    "add_qkv_bias",
+)
+"""Architecture fields: the teacher's, or the ``--student-preset``'s, then the model flags."""
 
 
 def student_config(args, teacher: ModelConfig) -> ModelConfig:
     """``--student-preset`` and/or ``--student-*`` shape flags over the teacher's shape."""
-    fields = {k: getattr(teacher, k) for k in STUDENT_SHAPE}
+    keys = STUDENT_SHAPE + STUDENT_ARCH
+    fields = {k: getattr(teacher, k) for k in keys}
     if args.student_preset:
         p = get_preset(args.student_preset, vocab_size=teacher.vocab_size)
-        fields = {k: getattr(p, k) for k in STUDENT_SHAPE}
-        if not args.student_ffn_hidden_size:
-            fields["ffn_hidden_size"] = 4 * p.hidden_size
+        fields = {k: getattr(p, k) for k in keys}
+    for k in STUDENT_ARCH:  # the ordinary model flags, when given
+        given = getattr(args, k, None)
+        if given is not None:
+            fields[k] = given
     for k in STUDENT_SHAPE:
         given = getattr(args, "student_" + k, None)
         if given is not None:
@@ -39,13 +60,24 @@ def student_config(args, teacher: ModelConfig) -> ModelConfig:
             f"--seq-length {fields['seq_length']} exceeds the teacher's "
             f"max_position_embeddings ({teacher.max_position_embeddings})"
         )
+    if fields["num_query_groups"] and fields["num_attention_heads"] % fields["num_query_groups"]:
+        raise ValueError(
+            f"the student's --num-query-groups {fields['num_query_groups']} does not divide its "
+            f"{fields['num_attention_heads']} heads: give --num-query-groups"
+        )
+    extra = {"distilled_from": teacher.extra.get("preset", "teacher")}
+    if "hf_architecture" in teacher.extra and _same_architecture(fields, teacher):
+        extra["hf_architecture"] = teacher.extra["hf_architecture"]  # exported as that family
     return ModelConfig(
         vocab_size=teacher.vocab_size,
         make_vocab_size_divisible_by=teacher.make_vocab_size_divisible_by,
-        max_position_embeddings=teacher.max_position_embeddings,
-        extra={"distilled_from": teacher.extra.get("preset", "teacher")},
+        extra=extra,
         **fields,
     )
+
+
+def _same_architecture(fields: dict, teacher: ModelConfig) -> bool:
+    return all(fields[k] == getattr(teacher, k) for k in STUDENT_ARCH)
 
 
 def check_same_vocab(student: ModelConfig, teacher: ModelConfig, tokenizer=None) -> None:
@@ -86,26 +118,32 @@ def parse_init_layers(spec: str | None, n_student: int, n_teacher: int) -> list[
 
 
 def check_teacher_layers_compatible(student: ModelConfig, teacher: ModelConfig) -> None:
-    """``--student-init teacher-layers`` copies blocks verbatim: widths must be the teacher's."""
+    """``--student-init teacher-layers`` copies blocks verbatim: widths and architecture must be
+    the teacher's."""
+    keys = ("hidden_size", "num_attention_heads", "ffn_hidden_size", "max_position_embeddings")
     diff = [
         f"{k} {getattr(student, k)} vs teacher {getattr(teacher, k)}"
-        for k in ("hidden_size", "num_attention_heads", "ffn_hidden_size")
+        for k in keys + STUDENT_ARCH
         if getattr(student, k) != getattr(teacher, k)
     ]
     if diff:
         raise ValueError(
-            "--student-init teacher-layers needs the teacher's widths: " + "; ".join(diff)
+            "--student-init teacher-layers needs the teacher's widths and architecture: "
+            + "; ".join(diff)
         )
 
 
 @torch.no_grad()
 def init_from_teacher_layers(student, teacher, layers: list[int]) -> None:
-    """Copy embeddings, final norm and teacher blocks ``layers`` into the student (same TP).
+    """Copy embeddings, final norm, the untied output layer (if any) and teacher blocks
+    ``layers`` into the student (same TP).
 
     Both are ``GPTModel`` shards of one TP rank, so tensors copy shard to shard.
     """
     check_teacher_layers_compatible(student.cfg, teacher.cfg)
     pairs = [(student.embedding, teacher.embedding), (student.final_norm, teacher.final_norm)]
+    if student.output_layer is not None:
+        pairs.append((student.output_layer, teacher.output_layer))
     pairs += [(student.layers[j], teacher.layers[i]) for j, i in enumerate(layers)]
     for dst, src in pairs:
         src_state = src.state_dict()

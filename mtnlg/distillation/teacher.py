@@ -1,7 +1,7 @@
 """The frozen teacher: loaded through the converter, sharded over the student's TP group.
 
-Any mtnlg checkpoint (any TP/PP it was saved with) or a Hugging Face GPT-2 folder is read as a
-full TP=1 state by ``mtnlg.checkpoint.load_full_state`` and cut into this rank's TP shard, so
+Any mtnlg checkpoint (any TP/PP it was saved with) or a Hugging Face folder (GPT-2, Llama,
+Mistral, Qwen2: whatever the converter reads) is read as a full TP=1 state by ``mtnlg.checkpoint.load_full_state`` and cut into this rank's TP shard, so
 each device holds 1/tp of the teacher. The full state passes through host memory once at load.
 """
 
@@ -45,13 +45,15 @@ def load_teacher(
 ) -> Teacher:
     """Load ``path`` (mtnlg checkpoint dir or HF folder) as this TP rank's frozen shard."""
     from mtnlg.checkpoint import CheckpointError, load_full_state, load_into_model
+    from mtnlg.tensor_parallel import skip_init
 
     try:
         cfg, full, tokenizer = load_full_state(path)
     except (CheckpointError, FileNotFoundError, OSError) as e:
         raise SystemExit(f"error: --teacher {path}: {e}") from None
     cfg.hidden_dropout = cfg.attention_dropout = 0.0
-    model = GPTModel(cfg, tp_group=tp_group, seed=0)  # weights overwritten just below
+    with skip_init():  # weights loaded just below: no draws, only this rank's shard
+        model = GPTModel(cfg, tp_group=tp_group, seed=0)
     load_into_model(model, full, tp, tp_rank)
     del full
     model = freeze(model).to(device=device, dtype=dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mtnlg.config import ModelConfig
 from mtnlg.distributed.topology import Topology
+from mtnlg.tensor_parallel import skip_init
 from mtnlg.training import checkpointing
 from mtnlg.training.setup import build_engine
 
@@ -26,14 +27,15 @@ def eval_engine(
     }
     if bf16:
         ds_config["bf16"] = {"enabled": True}
-    engine = build_engine(
-        cfg,
-        topo,
-        ds_config,
-        seed=seed,
-        checkpoint_activations=False,
-        weight_decay=0.0,
-        training=False,
-    )
+    with skip_init():  # the checkpoint's weights follow
+        engine = build_engine(
+            cfg,
+            topo,
+            ds_config,
+            seed=seed,
+            checkpoint_activations=False,
+            weight_decay=0.0,
+            training=False,
+        )
     checkpointing.load(engine, topo, load_dir, load_optimizer=False)
     return engine

@@ -1,6 +1,6 @@
 """The fine-tuning loop: epochs over a list of examples, dev evaluation, best checkpoint.
 
-Each optimizer step is ``mtnlg.training.loop.train_step`` (plain or pipeline engine), the LR
+Each optimizer step is ``mtnlg.training.loop.step_loss`` (plain or pipeline engine), the LR
 schedule is pretraining's, logs go through ``MetricsLogger`` and checkpoints through
 ``mtnlg.training.checkpointing``. Sample order is a pure function of (number of examples, seed):
 epoch e visits a permutation drawn from ``seed + e``, and global batch k holds samples
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from mtnlg.training import checkpointing
-from mtnlg.training.loop import _grad_norm, _is_pipe, to_device, train_step
+from mtnlg.training.loop import LossWindow, _grad_norm, _is_pipe, step_loss, to_device
 from mtnlg.training.metrics import MetricsLogger, format_log_line
 
 HIGHER_IS_BETTER = {"val_accuracy": True, "val_f1": True, "val_loss": False}
@@ -155,6 +155,7 @@ def finetune(
         bar = tqdm(total=cfg.train_iters, desc="finetune", unit="it", dynamic_ncols=True)
     say = (bar.write if bar is not None else print) if rank0 else (lambda _msg: None)
     best_loss, stale = math.inf, 0
+    window = LossWindow()  # losses stay on the device until a log interval reads them
 
     def save(root: str) -> str:
         progress = {
@@ -173,15 +174,18 @@ def finetune(
         idx = rank_micro_indices(
             order, out.consumed_samples, cfg.global_batch, cfg.micro_batch, topo.dp, topo.dp_rank
         )
-        loss = train_step(engine, topo, [task.batch([task.train[i] for i in ix]) for ix in idx])
+        micro = [task.batch([task.train[i] for i in ix]) for ix in idx]
+        window.add(out.iteration + 1, step_loss(engine, topo, micro))
         out.iteration += 1
         out.consumed_samples += cfg.global_batch
-        out.losses.append((out.iteration, loss))
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
         last = out.iteration == cfg.train_iters
         if out.iteration % cfg.log_interval == 0 or last:
+            out.losses.extend(window.read())
+            loss = out.losses[-1][1]
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4f}")
             fields = {
                 "consumed_samples": out.consumed_samples,
                 "epoch": out.consumed_samples / len(task.train),
@@ -224,6 +228,7 @@ def finetune(
             )
             out.stopped_early = True
             break
+    out.losses.extend(window.read())  # an early stop between log intervals
     if cfg.save:
         save(cfg.save)
     if bar is not None:

@@ -24,6 +24,7 @@ from mtnlg.finetuning.arguments import (
 from mtnlg.finetuning.loop import FinetuneConfig, Outcome, finetune
 from mtnlg.finetuning.start import Start, model_builder, resolve_start
 from mtnlg.finetuning.tasks import classification_data, classification_task, sft_data, sft_task
+from mtnlg.training.arguments import apply_kernel_flags
 from mtnlg.training.metrics import MetricsLogger
 from mtnlg.training.pretrain import check_peak_tflops
 from mtnlg.training.runconfig import checkpoint_meta, schedules
@@ -37,6 +38,7 @@ from mtnlg.training.setup import (
 
 def run(argv: list[str] | None = None, description: str = __doc__):
     args = build_finetune_parser(description).parse_args(argv)
+    apply_kernel_flags(args)
     try:
         check_flags(args)
     except ValueError as e:

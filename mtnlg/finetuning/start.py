@@ -97,6 +97,14 @@ def model_builder(start: Start, num_labels: int | None):
     plain or pipeline form, with ``start``'s weights copied in (a new head when it has none)."""
 
     def build(cfg: ModelConfig, topo, seed: int, checkpoint_activations: bool):
+        from mtnlg.tensor_parallel import skip_init
+
+        if start.full is None:
+            return _build(cfg, topo, seed, checkpoint_activations)
+        with skip_init():  # the start's weights are copied in: the backbone is not drawn
+            return _build(cfg, topo, seed, checkpoint_activations)
+
+    def _build(cfg: ModelConfig, topo, seed: int, checkpoint_activations: bool):
         import deepspeed
         from deepspeed.pipe import LayerSpec
 

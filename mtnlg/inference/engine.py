@@ -112,7 +112,8 @@ class InferenceEngine:
 
     @classmethod
     def load(cls, path, groups: Groups = Groups(), dtype=torch.float32, device=None, eod=None):
-        """Load an mtnlg checkpoint (any saved layout) or a Hugging Face GPT-2 folder."""
+        """Load an mtnlg checkpoint (any saved layout) or a Hugging Face folder (GPT-2, Llama,
+        Mistral, Qwen2)."""
         if device is None:
             from mtnlg.distributed.init import current_device
 

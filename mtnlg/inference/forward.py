@@ -1,32 +1,36 @@
 """The inference forward of one stage: positions and masks given, keys/values cached.
 
-It reuses the training modules' weights and their TP forward functions (the column-parallel
-QKV, the row-parallel output projection with its all-reduce, the MLP, the vocab-parallel
-embedding and output layer); only the attention core differs from ``ParallelAttention``:
-keys and values of this rank's heads are kept in a per-layer cache, and an explicit mask lets
-left-padded prompts of different lengths share a batch.
+It runs the training modules themselves: the embedding at each token's own position ids,
+``ParallelAttention.project`` (column-parallel fused QKV, RoPE applied at those positions),
+``attend`` (causal or masked attention, the GQA head -> group mapping), the row-parallel
+``dense`` with its all-reduce, the MLP and the vocab-parallel output layer (tied or not). Only
+the keys/values differ from training: those of this rank's KV heads are kept in a per-layer
+cache (already rotated, so a cached key keeps the position it was written at), and an explicit
+mask lets left-padded prompts of different lengths share a batch.
 
-Shapes: b batch, s new positions, T cache length, h hidden, nh/tp local heads, hd head dim.
+Shapes: b batch, s new positions, T cache length, h hidden, nh_l local query heads, kv_l local
+key/value heads (GQA: fewer than nh_l), d head dim.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from mtnlg.inference.stage import StageModel
 from mtnlg.model.layers import TransformerBlock
 
 
 class KVCache:
-    """Keys and values of this rank's heads for every layer of the stage: (b, nh/tp, T, hd)."""
+    """Keys and values of this rank's KV heads for every layer of the stage: (b, kv_l, T, d)."""
 
     def __init__(self, model: StageModel, batch: int, length: int, dtype, device):
-        cfg = model.cfg
-        heads = next(iter(model.layers.values())).attention.heads_local if model.layers else 0
-        shape = (batch, heads, length, cfg.head_dim)
-        self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in model.layer_ids}
-        self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in model.layer_ids}
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        for i in model.layer_ids:
+            attn = model.layers[str(i)].attention
+            shape = (batch, attn.kv_heads_local, length, attn.head_dim)
+            self.k[i] = torch.zeros(shape, dtype=dtype, device=device)
+            self.v[i] = torch.zeros(shape, dtype=dtype, device=device)
 
 
 def attention_mask(valid: torch.Tensor, start: int, s: int) -> torch.Tensor:
@@ -46,24 +50,22 @@ def attention_mask(valid: torch.Tensor, start: int, s: int) -> torch.Tensor:
 def block_forward(
     block: TransformerBlock,
     x: torch.Tensor,
+    positions: torch.Tensor,
     mask: torch.Tensor,
     cache_k: torch.Tensor | None,
     cache_v: torch.Tensor | None,
     start: int,
 ) -> torch.Tensor:
-    """x (b, s, h) at cache slots [start, start + s) -> (b, s, h); writes its keys/values."""
+    """x (b, s, h) at cache slots [start, start + s), position ids ``positions`` (b, s) ->
+    (b, s, h); writes its keys/values into the cache."""
     attn = block.attention
-    b, s, _ = x.shape
-    qkv = attn.qkv(block.ln_1(x))  # (b, s, 3h/tp): column-parallel, this rank's heads
-    q, k, v = (
-        t.view(b, s, attn.heads_local, attn.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1)
-    )  # each (b, nh/tp, s, hd)
+    q, k, v = attn.project(block.ln_1(x), positions)  # (b, nh_l, s, d), (b, kv_l, s, d) x 2
     if cache_k is not None:
-        cache_k[:, :, start : start + s] = k
-        cache_v[:, :, start : start + s] = v
-        k, v = cache_k[:, :, : start + s], cache_v[:, :, : start + s]  # (b, nh/tp, T, hd)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (b, nh/tp, s, hd)
-    y = y.transpose(1, 2).reshape(b, s, attn.heads_local * attn.head_dim)
+        end = start + k.shape[2]
+        cache_k[:, :, start:end] = k
+        cache_v[:, :, start:end] = v
+        k, v = cache_k[:, :, :end], cache_v[:, :, :end]  # (b, kv_l, T, d)
+    y = attn.attend(q, k, v, mask)  # (b, s, nh_l * d)
     x = x + attn.dense(y)  # row-parallel: all-reduced over TP
     return x + block.mlp(block.ln_2(x))
 
@@ -85,8 +87,7 @@ def stage_forward(
     vocabulary shard of the logits of the last slot (b, V/tp), padding columns at -inf.
     """
     if model.has_input:
-        emb = model.embedding
-        x = emb.word_embeddings(inputs) + emb.position_embeddings(positions)  # (b, s, h)
+        x = model.embedding(inputs, positions)  # (b, s, h); positions unused with RoPE
     else:
         x = inputs
     s = x.shape[1]
@@ -94,9 +95,9 @@ def stage_forward(
     for i in model.layer_ids:
         ck = cache.k[i] if cache is not None else None
         cv = cache.v[i] if cache is not None else None
-        x = block_forward(model.layers[str(i)], x, mask, ck, cv, start)
+        x = block_forward(model.layers[str(i)], x, positions, mask, ck, cv, start)
     if model.final_norm is not None:
         x = model.final_norm(x)
     if not model.has_head:
         return x
-    return model.embedding.lm_logits(x[:, -1])  # (b, V/tp)
+    return model.head_logits(x[:, -1])  # (b, V/tp)

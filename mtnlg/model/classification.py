@@ -73,6 +73,7 @@ class GPTClassifier(GPTModel):
 
     def __init__(self, cfg: ModelConfig, num_labels: int, tp_group=None, seed: int = 1234):
         super().__init__(cfg, tp_group=tp_group, seed=seed)
+        self.output_layer = None  # an untied LM head is replaced too (as in the pipeline form)
         seed_everything(seed + cfg.num_layers + 2)
         self.score = score_layer(cfg, num_labels)
         self.class_loss = ClassificationLoss()

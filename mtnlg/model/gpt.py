@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mtnlg.config import ModelConfig
-from mtnlg.model.layers import FinalLayerNorm, GPTEmbedding, TransformerBlock
+from mtnlg.model.layers import FinalLayerNorm, GPTEmbedding, OutputLayer, TransformerBlock
 from mtnlg.tensor_parallel import gather_from_tp_region, vocab_parallel_cross_entropy
 
 
@@ -55,7 +55,11 @@ class GPTLoss(nn.Module):
 
 
 class GPTModel(nn.Module):
-    """GPT-2 / MT-NLG decoder: embeddings, pre-LN blocks, final LN, output tied to the input."""
+    """GPT-2 / MT-NLG decoder: embeddings, pre-LN blocks, final LN, output tied to the input.
+
+    The Llama-family options (RoPE, RMSNorm, SwiGLU, GQA, no biases, an untied ``output_layer``)
+    come from the config; the layer order and per-layer seeds stay those of the pipeline form.
+    """
 
     def __init__(self, cfg: ModelConfig, tp_group=None, seed: int = 1234):
         super().__init__()
@@ -70,7 +74,11 @@ class GPTModel(nn.Module):
             blocks.append(TransformerBlock(cfg, tp_group))
         self.layers = nn.ModuleList(blocks)
         seed_everything(seed + 1 + cfg.num_layers)
-        self.final_norm = FinalLayerNorm(cfg)
+        self.final_norm = FinalLayerNorm(cfg, tp_group)
+        self.output_layer = None
+        if not cfg.tied:  # pipeline index L + 2
+            seed_everything(seed + 2 + cfg.num_layers)
+            self.output_layer = OutputLayer(cfg, tp_group)
         self.loss_fn = GPTLoss(tp_group, cfg.vocab_size)
         self.checkpoint_fn: Callable | None = None
         """Set to an activation-checkpoint function (e.g. deepspeed.checkpointing.checkpoint)."""
@@ -85,14 +93,19 @@ class GPTModel(nn.Module):
                 x = block(x)
         return self.final_norm(x)
 
+    def head_logits(self, hidden: torch.Tensor, mask_padding: bool = True) -> torch.Tensor:
+        """(b, s, h) -> logits shard (b, s, V/tp) from the tied embedding or the output layer."""
+        head = self.embedding if self.output_layer is None else self.output_layer
+        return head.lm_logits(hidden, mask_padding=mask_padding)
+
     def forward(self, input_ids: torch.Tensor, labels=None) -> torch.Tensor:
         """Logits shard (b, s, V/tp) without labels, else the mean loss (a scalar)."""
         hidden = self.hidden_states(input_ids)  # (b, s, h)
         if labels is None:
-            return self.embedding.lm_logits(hidden)
+            return self.head_logits(hidden)
         # Training/eval loss: the loss excludes the padding columns itself and works in place
         # in the logits buffer, so no (b, s, V/tp) copy of the logits is made.
-        logits = self.embedding.lm_logits(hidden, mask_padding=False)
+        logits = self.head_logits(hidden, mask_padding=False)
         return self.loss_fn(logits, labels, inplace=True)
 
     @torch.no_grad()

@@ -16,13 +16,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtnlg.config import ModelConfig
+from mtnlg.model.fused import dropout_add_fn, fusion_enabled, gelu_fn
+from mtnlg.model.rotary import apply_rope, rope_cos_sin
 from mtnlg.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    copy_to_tp_region,
     parallel_lm_logits,
 )
+from mtnlg.tensor_parallel.gqa import GQAQKVLinear
 from mtnlg.tensor_parallel.random import get_rng_tracker
+from mtnlg.tensor_parallel.sequence import scatter_to_sequence
 
 
 def normal_init(std: float) -> Callable[[torch.Tensor], None]:
@@ -38,11 +43,21 @@ def _group_size(group) -> int:
     return torch.distributed.get_world_size(group)
 
 
-class GPTEmbedding(nn.Module):
-    """Token (vocab-parallel) + learned absolute position embeddings, then dropout.
+def _sequence_parallel(cfg: ModelConfig, tp_group) -> bool:
+    return cfg.sequence_parallel and _group_size(tp_group) > 1
 
-    Also owns the output layer: ``lm_logits`` multiplies by the same word-embedding matrix
-    (tied weights), producing this rank's vocabulary shard of the logits.
+
+def sp_dropout(dropout: nn.Dropout, x: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """Dropout; on a sequence slice (sequence parallelism) from the model-parallel generator,
+    so the TP ranks' slices get independent masks."""
+    if sequence_parallel and dropout.training and dropout.p > 0.0:
+        with get_rng_tracker().fork():
+            return dropout(x)
+    return dropout(x)
+
+
+class _VocabHead:
+    """The vocab-parallel output GEMM shared by the tied embedding and ``OutputLayer``.
 
     The vocabulary is padded (to a multiple of 128 x TP) for even shards. Padding rows start at
     zero and their logits are masked to -inf, so they take no probability mass: the model computes
@@ -50,35 +65,20 @@ class GPTEmbedding(nn.Module):
     unpadded Hugging Face model exactly.
     """
 
-    def __init__(self, cfg: ModelConfig, tp_group=None):
-        super().__init__()
-        tp = _group_size(tp_group)
-        self.tp_group = tp_group
-        init = normal_init(cfg.init_method_std)
-        vocab, padded = cfg.vocab_size, cfg.padded_vocab_size(tp)
+    tp_group = None
+    sequence_parallel = False
+    _pad_from: int | None = None
 
-        def init_words(full: torch.Tensor) -> None:
-            # (V_padded, h): draw only the real rows, so the draw does not depend on padding
-            init(full[:vocab])
-            full[vocab:].zero_()
-
-        self.word_embeddings = VocabParallelEmbedding(
-            padded, cfg.hidden_size, tp_group=tp_group, init_method=init_words
-        )
+    def _set_padding(self, cfg: ModelConfig, tp_group) -> None:
         # This rank's padding columns: [pad_from, shard) of its logits (None: no padding here).
-        shard = padded // tp
+        tp = _group_size(tp_group)
+        shard = cfg.padded_vocab_size(tp) // tp
         start = shard * (torch.distributed.get_rank(tp_group) if tp_group is not None else 0)
+        vocab = cfg.vocab_size
         self._pad_from = min(max(vocab - start, 0), shard) if vocab < start + shard else None
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        init(self.position_embeddings.weight)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # input_ids: (b, s) int64 -> (b, s, h)
-        s = input_ids.shape[-1]
-        pos = torch.arange(s, device=input_ids.device)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)
-        return self.dropout(x)  # replicated across TP: default generator, equal masks
+    def _head_weight(self) -> torch.Tensor:
+        raise NotImplementedError
 
     def lm_logits(self, hidden: torch.Tensor, mask_padding: bool = True) -> torch.Tensor:
         """hidden: (b, s, h) -> logits shard (b, s, V/tp); padding columns -> -inf.
@@ -86,7 +86,9 @@ class GPTEmbedding(nn.Module):
         ``mask_padding=False`` leaves the padding columns as computed (zero rows give 0), for a
         consumer that excludes them itself (``GPTLoss`` with its ``vocab_size``).
         """
-        logits = parallel_lm_logits(hidden, self.word_embeddings.weight, self.tp_group)
+        logits = parallel_lm_logits(
+            hidden, self._head_weight(), self.tp_group, self.sequence_parallel
+        )
         if not mask_padding or self._pad_from is None:
             return logits
         if logits.requires_grad:  # out of place: the mask's backward zeroes the padding grads
@@ -96,61 +98,221 @@ class GPTEmbedding(nn.Module):
         return logits
 
 
-class ParallelAttention(nn.Module):
-    """Causal self-attention split by heads: each TP rank computes nh/tp heads."""
+def _vocab_init(cfg: ModelConfig) -> Callable[[torch.Tensor], None]:
+    init = normal_init(cfg.init_method_std)
+
+    def init_words(full: torch.Tensor) -> None:
+        # (V_padded, h): draw only the real rows, so the draw does not depend on padding
+        init(full[: cfg.vocab_size])
+        full[cfg.vocab_size :].zero_()
+
+    return init_words
+
+
+class GPTEmbedding(_VocabHead, nn.Module):
+    """Token (vocab-parallel) + learned absolute position embeddings, then dropout.
+
+    With RoPE (``--position-embedding-type rope``) there is no position table: positions enter
+    in the attention. When the output layer is tied (GPT-2, MT-NLG), ``lm_logits`` multiplies
+    by the same word-embedding matrix, producing this rank's vocabulary shard of the logits.
+    """
 
     def __init__(self, cfg: ModelConfig, tp_group=None):
         super().__init__()
         tp = _group_size(tp_group)
-        h = cfg.hidden_size
-        self.heads_local = cfg.num_attention_heads // tp
-        self.head_dim = cfg.head_dim
-        self.dropout_p = cfg.attention_dropout
-        std = cfg.init_method_std
-        # Global layout of the fused projection is [q | k | v] (as Hugging Face GPT-2);
-        # stride 3 gives each rank [q_local | k_local | v_local] for its own heads.
-        self.qkv = ColumnParallelLinear(
-            h, 3 * h, tp_group=tp_group, stride=3, init_method=normal_init(std)
-        )
-        self.dense = RowParallelLinear(
-            h, h, tp_group=tp_group, init_method=normal_init(std / math.sqrt(2 * cfg.num_layers))
-        )
+        self.tp_group = tp_group
+        self.word_embeddings = VocabParallelEmbedding(
+            cfg.padded_vocab_size(tp), cfg.hidden_size, tp_group=tp_group,
+            init_method=_vocab_init(cfg),
+        )  # fmt: skip
+        self._set_padding(cfg, tp_group)
+        self.sequence_parallel = _sequence_parallel(cfg, tp_group)
+        self.position_embeddings = None
+        if not cfg.use_rope:
+            self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+            normal_init(cfg.init_method_std)(self.position_embeddings.weight)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
-        qkv = self.qkv(x)  # (b, s, 3*h/tp)
-        q, k, v = qkv.chunk(3, dim=-1)  # each (b, s, h/tp)
-        q, k, v = (t.view(b, s, self.heads_local, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        # (b, nh/tp, s, hd); dropout on split heads: the model-parallel generator
-        p = self.dropout_p if self.training else 0.0
-        if p > 0.0:
-            with get_rng_tracker().fork():
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        y = y.transpose(1, 2).reshape(b, s, self.heads_local * self.head_dim)  # (b, s, h/tp)
-        return self.dense(y)  # (b, s, h), all-reduced
+    def _head_weight(self) -> torch.Tensor:
+        return self.word_embeddings.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None):
+        # input_ids: (b, s) int64, positions (b, s) or None (0..s-1) -> (b, s, h)
+        x = self.word_embeddings(input_ids)
+        if self.position_embeddings is not None:
+            if positions is None:
+                positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+            x = x + self.position_embeddings(positions)
+        if self.sequence_parallel:  # (b, s, h) -> this rank's (b, s/tp, h)
+            return sp_dropout(self.dropout, scatter_to_sequence(x, self.tp_group), True)
+        return self.dropout(x)  # replicated across TP: default generator, equal masks
 
 
-class ParallelMLP(nn.Module):
-    """h -> 4h (column-parallel) -> GeLU (tanh, local) -> h (row-parallel)."""
+class OutputLayer(_VocabHead, nn.Module):
+    """The untied output layer (``--untie-embeddings-and-output-weights``): ``weight`` is a
+    vocab-parallel (V_padded/tp, h) shard, padded rows zero, on the last pipeline stage."""
+
+    def __init__(self, cfg: ModelConfig, tp_group=None, mask_padding: bool = True):
+        super().__init__()
+        tp = _group_size(tp_group)
+        self.tp_group = tp_group
+        self.mask_padding = mask_padding  # forward(): False leaves the padding to the loss
+        # the same vocab-parallel shard and init rule as the word embedding
+        emb = VocabParallelEmbedding(
+            cfg.padded_vocab_size(tp), cfg.hidden_size, tp_group=tp_group,
+            init_method=_vocab_init(cfg),
+        )  # fmt: skip
+        self.weight = emb.weight
+        self._set_padding(cfg, tp_group)
+        self.sequence_parallel = _sequence_parallel(cfg, tp_group)
+
+    def _head_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_logits(hidden, mask_padding=self.mask_padding)
+
+
+class ParallelAttention(nn.Module):
+    """Causal self-attention split by heads: each TP rank computes nh/tp query heads.
+
+    Plain multi-head attention fuses [q | k | v] (stride 3 over TP, GPT-2's layout); with
+    ``--num-query-groups`` the fused projection is ``GQAQKVLinear`` (grouped layout). RoPE, when
+    on, rotates q and k at each token's position before the attention.
+    """
 
     def __init__(self, cfg: ModelConfig, tp_group=None):
         super().__init__()
+        tp = _group_size(tp_group)
+        h, nh, d = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+        if nh % tp:
+            raise ValueError(f"--num-attention-heads ({nh}) is not divisible by the TP size ({tp})")
+        self.heads_local = nh // tp
+        self.head_dim = d
+        self.dropout_p = cfg.attention_dropout
+        self.rope = (cfg.rotary_dim, cfg.rotary_base) if cfg.use_rope else None
         std = cfg.init_method_std
+        sp = {"sequence_parallel": _sequence_parallel(cfg, tp_group)}
+        if cfg.num_query_groups is None:
+            # Global layout [q | k | v] (as Hugging Face GPT-2); stride 3 gives each rank
+            # [q_local | k_local | v_local] for its own heads.
+            self.qkv = ColumnParallelLinear(
+                h, 3 * h, tp_group=tp_group, stride=3, bias=cfg.qkv_bias,
+                init_method=normal_init(std), **sp,
+            )  # fmt: skip
+            self.kv_heads_local = self.heads_local
+        else:
+            self.qkv = GQAQKVLinear(
+                h, nh, cfg.num_query_groups, d, tp_group=tp_group, bias=cfg.qkv_bias,
+                init_method=normal_init(std), **sp,
+            )  # fmt: skip
+            self.kv_heads_local = self.qkv.groups_local
+        self.dense = RowParallelLinear(
+            h, h, tp_group=tp_group, bias=cfg.add_bias_linear,
+            init_method=normal_init(std / math.sqrt(2 * cfg.num_layers)), **sp,
+        )  # fmt: skip
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor | None = None):
+        """x (b, s, h) -> q (b, nh/tp, s, hd), k and v (b, kv/tp, s, hd); RoPE applied at
+        ``positions`` ((b, s) or (s,); None: 0..s-1)."""
+        qkv = self.qkv(x)  # (b, s, local rows); x is (b, s/tp, h) with sequence parallelism
+        b, s = qkv.shape[:2]
+        if isinstance(self.qkv, GQAQKVLinear):
+            q, k, v = self.qkv.split_heads(qkv)
+        else:
+            q, k, v = qkv.chunk(3, dim=-1)  # each (b, s, h/tp)
+            q, k, v = (
+                t.view(b, s, self.heads_local, self.head_dim).transpose(1, 2) for t in (q, k, v)
+            )
+        if self.rope is not None:
+            if positions is None:
+                positions = torch.arange(s, device=qkv.device)
+            cos, sin = rope_cos_sin(positions, self.rope[0], self.rope[1], q.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def attend(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """q (b, nh/tp, s, hd), k/v (b, kv/tp, T, hd) -> (b, s, h/tp); causal without ``mask``
+        (bool (b, 1, s, T), True = may attend)."""
+        b, _, s, _ = q.shape
+        gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+        else:
+            # dropout on split heads: the model-parallel generator
+            p = self.dropout_p if self.training else 0.0
+            if p > 0.0:
+                with get_rng_tracker().fork():
+                    y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, **gqa)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+        return y.transpose(1, 2).reshape(b, s, self.heads_local * self.head_dim)
+
+    def forward(self, x: torch.Tensor, skip_bias_add: bool = False):
+        y = self.attend(*self.project(x))  # (b, s, h/tp)
+        return self.dense(y, skip_bias_add)  # (b, s, h), all-reduced (+ the bias, or apart)
+
+
+class ParallelMLP(nn.Module):
+    """h -> f (column-parallel) -> GeLU (tanh, local) -> h (row-parallel).
+
+    With ``--swiglu`` the column-parallel layer is [gate | up] (2f, stride 2 over TP: each rank
+    holds its own gate and up columns) and the activation silu(gate) * up.
+    """
+
+    def __init__(self, cfg: ModelConfig, tp_group=None):
+        super().__init__()
+        std, f = cfg.init_method_std, cfg.ffn_hidden_size
+        self.swiglu = cfg.swiglu
+        sp = {"sequence_parallel": _sequence_parallel(cfg, tp_group)}
         self.up = ColumnParallelLinear(
-            cfg.hidden_size, cfg.ffn_hidden_size, tp_group=tp_group, init_method=normal_init(std)
-        )
+            cfg.hidden_size, 2 * f if self.swiglu else f, tp_group=tp_group,
+            stride=2 if self.swiglu else 1, bias=cfg.add_bias_linear,
+            init_method=normal_init(std), **sp,
+        )  # fmt: skip
         self.down = RowParallelLinear(
-            cfg.ffn_hidden_size,
-            cfg.hidden_size,
-            tp_group=tp_group,
-            init_method=normal_init(std / math.sqrt(2 * cfg.num_layers)),
-        )
+            f, cfg.hidden_size, tp_group=tp_group, bias=cfg.add_bias_linear,
+            init_method=normal_init(std / math.sqrt(2 * cfg.num_layers)), **sp,
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor, skip_bias_add: bool = False):
+        # (b, s, h) -> (b, s, f/tp) -> (b, s, h); skip_bias_add: (y, down's bias) apart
+        if self.swiglu:
+            gate, up = self.up(x).chunk(2, dim=-1)  # each (b, s, f/tp)
+            return self.down(F.silu(gate) * up, skip_bias_add)
+        if fusion_enabled()[0]:  # the GEMM without its bias, then bias + GeLU in one pass
+            return self.down(gelu_fn()(*self.up(x, skip_bias_add=True)), skip_bias_add)
+        return self.down(F.gelu(self.up(x), approximate="tanh"), skip_bias_add)
+
+
+class Norm(nn.Module):
+    """LayerNorm (weight, bias) or, with ``--normalization rmsnorm``, RMSNorm (weight only,
+    computed in fp32 and cast back before the weight, as Hugging Face's LlamaRMSNorm).
+
+    With sequence parallelism each TP rank normalises its own sequence slice, so its weight
+    gradient is partial: the parameters pass through ``copy_to_tp_region`` (gradient summed
+    over TP); they stay replicated (no TP attributes: counted once in the gradient norm).
+    """
+
+    def __init__(self, cfg: ModelConfig, tp_group=None):
+        super().__init__()
+        h = cfg.hidden_size
+        self.rms = cfg.normalization == "rmsnorm"
+        self.eps = cfg.layernorm_epsilon
+        self.weight = nn.Parameter(torch.ones(h))
+        self.bias = None if self.rms else nn.Parameter(torch.zeros(h))
+        self.tp_group = tp_group if _sequence_parallel(cfg, tp_group) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (b, s, h) -> (b, s, 4h/tp) -> (b, s, h)
-        return self.down(F.gelu(self.up(x), approximate="tanh"))
+        w, b = self.weight, self.bias
+        if self.tp_group is not None:  # sequence parallel: gradients summed over TP
+            w = copy_to_tp_region(w, self.tp_group)
+            b = None if b is None else copy_to_tp_region(b, self.tp_group)
+        if not self.rms:
+            return F.layer_norm(x, w.shape, w, b, self.eps)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return w * x32.to(x.dtype)
 
 
 class TransformerBlock(nn.Module):
@@ -158,20 +320,29 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, cfg: ModelConfig, tp_group=None):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.ln_1 = Norm(cfg, tp_group)
         self.attention = ParallelAttention(cfg, tp_group)
-        self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.ln_2 = Norm(cfg, tp_group)
         self.mlp = ParallelMLP(cfg, tp_group)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.sequence_parallel = _sequence_parallel(cfg, tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (b, s, h), replicated over TP
-        x = x + self.dropout(self.attention(self.ln_1(x)))
-        return x + self.dropout(self.mlp(self.ln_2(x)))
+        # x: (b, s, h) replicated over TP, or its (b, s/tp, h) slice with sequence parallelism
+        sp = self.sequence_parallel
+        if fusion_enabled()[1]:  # bias + dropout + residual in one pass, twice
+            x = self._fused_add(self.attention(self.ln_1(x), skip_bias_add=True), x)
+            return self._fused_add(self.mlp(self.ln_2(x), skip_bias_add=True), x)
+        x = x + sp_dropout(self.dropout, self.attention(self.ln_1(x)), sp)
+        return x + sp_dropout(self.dropout, self.mlp(self.ln_2(x)), sp)
+
+    def _fused_add(self, y_bias, residual: torch.Tensor) -> torch.Tensor:
+        p, train = self.dropout.p, self.training
+        if self.sequence_parallel and train and p > 0.0:  # a sequence slice: the TP stream
+            with get_rng_tracker().fork():
+                return dropout_add_fn()(*y_bias, residual, p, train)
+        return dropout_add_fn()(*y_bias, residual, p, train)
 
 
-class FinalLayerNorm(nn.LayerNorm):
-    """The final LayerNorm before the (tied) output layer."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+class FinalLayerNorm(Norm):
+    """The final LayerNorm (or RMSNorm) before the output layer."""

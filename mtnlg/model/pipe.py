@@ -9,13 +9,15 @@ input embedding and on the last as the output projection, DeepSpeed keeping both
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
 from mtnlg.config import ModelConfig
 from mtnlg.distributed.topology import Topology
 from mtnlg.model.gpt import GPTLoss, seed_everything
-from mtnlg.model.layers import FinalLayerNorm, GPTEmbedding, TransformerBlock
+from mtnlg.model.layers import FinalLayerNorm, GPTEmbedding, OutputLayer, TransformerBlock
 
 
 def _lm_head(embedding: GPTEmbedding, hidden: torch.Tensor) -> torch.Tensor:
@@ -27,13 +29,20 @@ def _lm_head(embedding: GPTEmbedding, hidden: torch.Tensor) -> torch.Tensor:
 
 def gpt_layer_specs(cfg: ModelConfig, tp_group=None) -> list:
     """The pipeline layer list; the plain ``GPTModel`` builds the same modules in this order."""
+    if not cfg.tied:  # the embedding on the first stage, a separate output layer on the last
+        specs = [LayerSpec(GPTEmbedding, cfg, tp_group)]
+        specs += [LayerSpec(TransformerBlock, cfg, tp_group) for _ in range(cfg.num_layers)]
+        specs.append(LayerSpec(FinalLayerNorm, cfg, tp_group))
+        # padding columns unmasked, as _lm_head: GPTLoss excludes them
+        specs.append(LayerSpec(OutputLayer, cfg, tp_group, mask_padding=False))
+        return specs
     specs: list = [
         TiedLayerSpec(
             "embed", GPTEmbedding, cfg, tp_group, tied_weight_attr="word_embeddings.weight"
         )
     ]
     specs += [LayerSpec(TransformerBlock, cfg, tp_group) for _ in range(cfg.num_layers)]
-    specs.append(LayerSpec(FinalLayerNorm, cfg))
+    specs.append(LayerSpec(FinalLayerNorm, cfg, tp_group))
     specs.append(
         TiedLayerSpec(
             "embed",
@@ -45,6 +54,30 @@ def gpt_layer_specs(cfg: ModelConfig, tp_group=None) -> list:
         )
     )
     return specs
+
+
+@contextmanager
+def _reuse_grid(topo: Topology):
+    """Make ``PipelineModule.__init__`` take ``topo.grid`` instead of building its own.
+
+    DeepSpeed 0.19's PipelineModule always constructs a ``PipelineParallelGrid`` (every data,
+    pipe and slice group: a world collective each, and duplicate NCCL communicators) and has no
+    argument to pass one in; ``Topology`` built exactly that grid already, so it is handed over.
+    """
+    import deepspeed.runtime.pipe.module as ds_module
+
+    real = ds_module.PipelineParallelGrid
+
+    def reuse(process_group=None, topology=None):
+        if topology is not topo.ds_topo:
+            raise RuntimeError("PipelineModule asked for a grid of another topology")
+        return topo.grid
+
+    ds_module.PipelineParallelGrid = reuse
+    try:
+        yield
+    finally:
+        ds_module.PipelineParallelGrid = real
 
 
 class GPTPipe(PipelineModule):
@@ -65,17 +98,18 @@ class GPTPipe(PipelineModule):
         specs = gpt_layer_specs(cfg, topo.tp_group)
         if head is not None:
             specs[-1] = head
-        super().__init__(
-            layers=specs,
-            loss_fn=loss_fn if loss_fn is not None else GPTLoss(topo.tp_group, cfg.vocab_size),
-            topology=topo.ds_topo,
-            seed_layers=True,
-            seed_fn=seed_everything,
-            base_seed=seed,
-            partition_method=partition_method,
-            activation_checkpoint_interval=activation_checkpoint_interval,
-            checkpointable_layers=["TransformerBlock"],
-        )
+        with _reuse_grid(topo):
+            super().__init__(
+                layers=specs,
+                loss_fn=loss_fn if loss_fn is not None else GPTLoss(topo.tp_group, cfg.vocab_size),
+                topology=topo.ds_topo,
+                seed_layers=True,
+                seed_fn=seed_everything,
+                base_seed=seed,
+                partition_method=partition_method,
+                activation_checkpoint_interval=activation_checkpoint_interval,
+                checkpointable_layers=["TransformerBlock"],
+            )
         self.cfg = cfg
         # seed_layers=True seeded each layer's construction (TP/PP-invariant init). DeepSpeed
         # would also reseed the default generator before every layer of every forward from a

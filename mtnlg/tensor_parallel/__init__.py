@@ -13,7 +13,9 @@ from mtnlg.tensor_parallel.layers import (
     merge_partitions,
     parallel_lm_logits,
     scaled_init_method_normal,
+    skip_init,
     split_tensor_for_rank,
+    use_cpu_initialization,
 )
 from mtnlg.tensor_parallel.mappings import (
     copy_to_tp_region,
@@ -37,6 +39,8 @@ __all__ = [
     "reduce_from_tp_region",
     "scaled_init_method_normal",
     "scatter_to_tp_region",
+    "skip_init",
     "split_tensor_for_rank",
+    "use_cpu_initialization",
     "vocab_parallel_cross_entropy",
 ]

@@ -13,7 +13,8 @@ parameters (the row-parallel bias) carry none, so DeepSpeed's gradient norm coun
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,7 @@ from mtnlg.tensor_parallel.mappings import (
     tp_rank,
     tp_world_size,
 )
+from mtnlg.tensor_parallel.sequence import gather_from_sequence, reduce_scatter_to_sequence
 
 InitMethod = Callable[[Tensor], None]
 
@@ -99,6 +101,45 @@ def _resolve_device(device) -> torch.device:
     return torch.device(device) if device is not None else torch.get_default_device()
 
 
+_INIT = {"skip": False, "cpu": False}
+
+
+@contextmanager
+def skip_init() -> Iterator[None]:
+    """Parameters built inside are allocated, not drawn: no full master, no random numbers.
+
+    For models whose weights are loaded right after (``--load`` resume, a fine-tuning start,
+    a distillation teacher, inference and evaluation): peak host memory is the rank's own
+    shard, and nothing is spent on draws that are overwritten.
+    """
+    before = _INIT["skip"]
+    _INIT["skip"] = True
+    try:
+        yield
+    finally:
+        _INIT["skip"] = before
+
+
+def use_cpu_initialization(enabled: bool) -> None:
+    """Megatron's ``--use-cpu-initialization``: draw masters on the CPU even on an accelerator."""
+    _INIT["cpu"] = bool(enabled)
+
+
+def init_skipped() -> bool:
+    return _INIT["skip"]
+
+
+def master_device() -> torch.device:
+    """Where full masters are drawn: the accelerator (host memory stays O(1); the accelerator's
+    generator, seeded identically on every rank, keeps TP=1 and TP=N equal), or the CPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if _INIT["cpu"] or acc.device_name() == "cpu":
+        return torch.device("cpu")
+    return torch.device(acc.current_device_name())
+
+
 def _init_shard(
     full_shape: tuple[int, ...],
     init_method: InitMethod,
@@ -110,10 +151,13 @@ def _init_shard(
     dtype: torch.dtype,
     device,
 ) -> nn.Parameter:
-    """Draw the full fp32 master weight on the CPU, keep this rank's shard on ``device``."""
-    # The master lives on the CPU on purpose: the CPU generator gives the same numbers on every
-    # accelerator and for every TP degree.
-    master = torch.empty(full_shape, dtype=torch.float32, device=torch.device("cpu"))
+    """Draw the full fp32 master weight (on ``master_device()``), keep this rank's shard on
+    ``device``; inside ``skip_init()`` only the shard is allocated."""
+    if _INIT["skip"]:
+        shape = list(full_shape)
+        shape[dim] //= world_size
+        return nn.Parameter(torch.empty(shape, dtype=dtype, device=_resolve_device(device)))
+    master = torch.empty(full_shape, dtype=torch.float32, device=master_device())
     init_method(master)
     shard = split_tensor_for_rank(master, dim, rank, world_size, stride)
     return nn.Parameter(shard.to(device=_resolve_device(device), dtype=dtype).contiguous())
@@ -155,9 +199,11 @@ class ColumnParallelLinear(nn.Module):
         stride: int = 1,
         params_dtype: torch.dtype = torch.float32,
         device=None,
+        sequence_parallel: bool = False,
     ):
         super().__init__()
         self.tp_group = tp_group
+        self.sequence_parallel = sequence_parallel
         tp = tp_world_size(tp_group)
         _check_divisible("ColumnParallelLinear out_features", out_features, tp, stride)
         self.in_features = in_features
@@ -190,10 +236,15 @@ class ColumnParallelLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, skip_bias_add: bool = False):
+        """(..., in) -> (..., out / tp); with ``skip_bias_add`` the pair (y, bias), the bias left
+        for a fused consumer (e.g. bias-GeLU) to add."""
         # x: (..., in) replicated on every TP rank; its gradient (fresh from F.linear's
-        # backward, read by nothing else) is all-reduced in place
-        x = copy_to_tp_region(x, self.tp_group, inplace=True)
+        # backward, read by nothing else) is all-reduced in place. With sequence parallelism
+        # x is (b, s/tp, in): all-gathered along the sequence (gradient reduce-scattered).
+        x = tp_input(x, self.tp_group, self.sequence_parallel)
+        if skip_bias_add:
+            return F.linear(x, self.weight), self.bias
         y = F.linear(x, self.weight, self.bias)  # (..., out / tp)
         if not self.gather_output:
             return y
@@ -232,9 +283,11 @@ class RowParallelLinear(nn.Module):
         init_method: InitMethod = _default_init,
         params_dtype: torch.dtype = torch.float32,
         device=None,
+        sequence_parallel: bool = False,
     ):
         super().__init__()
         self.tp_group = tp_group
+        self.sequence_parallel = sequence_parallel
         tp = tp_world_size(tp_group)
         _check_divisible("RowParallelLinear in_features", in_features, tp)
         self.in_features = in_features
@@ -261,16 +314,26 @@ class RowParallelLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, skip_bias_add: bool = False):
+        """(..., in / tp) -> (..., out); with ``skip_bias_add`` the pair (y, bias), the bias left
+        for a fused consumer (bias-dropout-add) to add."""
         if not self.input_is_parallel:
             x = scatter_to_tp_region(x, self.tp_group)  # (..., in) -> (..., in / tp)
+        bias = self.bias
         if tp_world_size(self.tp_group) == 1:
-            return F.linear(x, self.weight, self.bias)  # (..., out), bias fused
+            if skip_bias_add:
+                return F.linear(x, self.weight), bias
+            return F.linear(x, self.weight, bias)  # (..., out), bias fused
         y = F.linear(x, self.weight)  # (..., out) partial sum, saved by no autograd node
-        y = reduce_from_tp_region(y, self.tp_group, inplace=True)  # (..., out) full
-        if self.bias is not None:
-            y = y + self.bias
-        return y
+        if self.sequence_parallel:  # (b, s, out) -> (b, s/tp, out) summed
+            y = reduce_scatter_to_sequence(y, self.tp_group)
+            if bias is not None:  # added to a sequence slice: its grad summed over TP
+                bias = copy_to_tp_region(bias, self.tp_group)
+        else:
+            y = reduce_from_tp_region(y, self.tp_group, inplace=True)  # (..., out) full
+        if skip_bias_add:
+            return y, bias
+        return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
         return (
@@ -337,14 +400,25 @@ class VocabParallelEmbedding(nn.Module):
         )
 
 
+def tp_input(x: Tensor, group, sequence_parallel: bool = False) -> Tensor:
+    """The input of a column-parallel GEMM: ``copy_to_tp_region`` (gradient all-reduced in
+    place: it is F.linear's fresh input gradient), or with sequence parallelism the all-gather
+    of the (b, s/tp, h) slices (gradient reduce-scattered)."""
+    if sequence_parallel:
+        return gather_from_sequence(x, group)
+    return copy_to_tp_region(x, group, inplace=True)
+
+
 def parallel_lm_logits(
-    hidden: Tensor, word_embeddings_weight: Tensor, group: dist.ProcessGroup | None
+    hidden: Tensor,
+    word_embeddings_weight: Tensor,
+    group: dist.ProcessGroup | None,
+    sequence_parallel: bool = False,
 ) -> Tensor:
     """(..., h) x (V/tp, h)^T -> (..., V/tp) logits shard; copy_to_tp_region on the input so the
-    backward all-reduces dL/dhidden.
+    backward all-reduces dL/dhidden (with sequence parallelism: (b, s/tp, h) all-gathered).
 
     Feed the result to :func:`mtnlg.tensor_parallel.vocab_parallel_cross_entropy`; the full
     (..., V) logits are never materialised.
     """
-    hidden = copy_to_tp_region(hidden, group, inplace=True)  # its grad: F.linear's, fresh
-    return F.linear(hidden, word_embeddings_weight)
+    return F.linear(tp_input(hidden, group, sequence_parallel), word_embeddings_weight)

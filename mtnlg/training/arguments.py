@@ -24,6 +24,15 @@ MODEL_FLAGS = {
     "attention_dropout": "--attention-dropout",
     "init_method_std": "--init-method-std",
     "layernorm_epsilon": "--layernorm-epsilon",
+    "position_embedding_type": "--position-embedding-type",
+    "rotary_base": "--rotary-base",
+    "rotary_percent": "--rotary-percent",
+    "normalization": "--normalization",
+    "swiglu": "--swiglu",
+    "num_query_groups": "--num-query-groups",
+    "untie_embeddings_and_output_weights": "--untie-embeddings-and-output-weights",
+    "add_bias_linear": "--disable-bias-linear",
+    "add_qkv_bias": "--add-qkv-bias",
 }
 
 
@@ -41,6 +50,36 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-dropout", type=float)
     g.add_argument("--init-method-std", type=float)
     g.add_argument("--layernorm-epsilon", type=float)
+    add_architecture_args(g)
+
+
+def add_architecture_args(g) -> None:
+    """The Llama-family options (Megatron-LM's names); unset flags keep the preset's value."""
+    g.add_argument(
+        "--position-embedding-type", choices=["learned_absolute", "rope"],
+        help="learned absolute positions (GPT-2, default) or rotary embeddings",
+    )  # fmt: skip
+    g.add_argument("--rotary-base", type=float, help="RoPE theta (default 10000)")
+    g.add_argument(
+        "--rotary-percent", type=float, help="fraction of head channels rotated (default 1.0)"
+    )
+    g.add_argument("--normalization", choices=["layernorm", "rmsnorm"])
+    flag = {"action": "store_const", "default": None}
+    g.add_argument("--swiglu", const=True, help="SwiGLU MLP (gate and up fused)", **flag)
+    g.add_argument(
+        "--num-query-groups", type=int, help="key/value groups for GQA (1: MQA; default: MHA)"
+    )
+    g.add_argument(
+        "--untie-embeddings-and-output-weights", const=True,
+        help="a separate output layer instead of the input embedding", **flag,
+    )  # fmt: skip
+    g.add_argument(
+        "--disable-bias-linear", dest="add_bias_linear", const=False,
+        help="no biases in the linear layers", **flag,
+    )  # fmt: skip
+    g.add_argument(
+        "--add-qkv-bias", const=True, help="a QKV bias even with --disable-bias-linear", **flag
+    )
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
@@ -73,6 +112,20 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
+    g.add_argument(
+        "--use-cpu-initialization",
+        action="store_true",
+        help="draw the initial weights on the CPU (default: on the accelerator; same numbers at "
+        "every TP degree either way)",
+    )
+    g.add_argument(
+        "--no-bias-gelu-fusion", dest="bias_gelu_fusion", action="store_false",
+        help="keep bias add and GeLU as separate passes (fused by default on an accelerator)",
+    )  # fmt: skip
+    g.add_argument(
+        "--no-bias-dropout-fusion", dest="bias_dropout_fusion", action="store_false",
+        help="keep bias add, dropout and residual add separate (fused by default on an accelerator)",
+    )  # fmt: skip
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--global-batch-size", type=int)
     g.add_argument("--rampup-batch-size", nargs=3, type=int, metavar=("START", "INC", "SAMPLES"))
@@ -125,12 +178,24 @@ def add_checkpoint_logging_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
+def add_sequence_parallel_arg(p: argparse.ArgumentParser) -> None:
+    """``--sequence-parallel`` (pretraining only: the other entry points refuse it as unknown)."""
+    p.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="Megatron's sequence parallelism: LayerNorm/dropout regions hold (b, s/tp, h), "
+        "all-gather / reduce-scatter replace the TP all-reduces (needs seq-length %% TP == 0)",
+    )
+
+
+def build_parser(description: str, sequence_parallel: bool = False) -> argparse.ArgumentParser:
     import deepspeed
 
     from mtnlg.evaluation.tasks import add_eval_task_args
 
     p = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    if sequence_parallel:
+        add_sequence_parallel_arg(p)
     for add in (
         add_model_args,
         add_parallel_args,
@@ -142,6 +207,15 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         add(p)
     deepspeed.add_config_arguments(p)
     return p
+
+
+def apply_kernel_flags(args: argparse.Namespace) -> None:
+    """``--use-cpu-initialization`` and the two fusion switches, process-wide."""
+    from mtnlg.model.fused import default_fusion
+    from mtnlg.tensor_parallel import use_cpu_initialization
+
+    use_cpu_initialization(args.use_cpu_initialization)
+    default_fusion(args.bias_gelu_fusion, args.bias_dropout_fusion)
 
 
 def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelConfig:

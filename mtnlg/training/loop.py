@@ -1,4 +1,10 @@
-"""The pretraining loop: steps, ramp-up, schedule, logging, evaluation, checkpoints."""
+"""The pretraining loop: steps, ramp-up, schedule, logging, evaluation, checkpoints.
+
+The hot path does not wait on the device: each step's loss stays a device tensor
+(:class:`LossWindow`) until the ``--log-interval`` step reads the whole window back at once, and
+the next step's micro-batches are built on a background thread while the current step runs
+(``mtnlg.training.data.StepLoader``, first and last pipeline stages only).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +15,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from mtnlg.planning import iteration_flops
 from mtnlg.training import checkpointing
-from mtnlg.training.data import rank_micro_batches
+from mtnlg.training.data import StepLoader, stage_loader
 from mtnlg.training.metrics import (
     MetricsLogger,
     achieved_tflops,
-    flops_per_iteration,
     format_log_line,
     mfu,
 )
@@ -29,7 +35,8 @@ class Progress:
     consumed_samples: int = 0
     consumed_tokens: int = 0
     losses: list = field(default_factory=list)
-    """(iteration, loss) of every step of this process' run (for tests and reports)."""
+    """(iteration, loss) of every step of this process' run (for tests and reports), filled in
+    at each log interval and when the loop ends."""
 
 
 @dataclass
@@ -60,10 +67,31 @@ def to_device(targets, device):
     return targets.to(device)
 
 
-def train_step(engine, topo, micro_batches) -> float:
-    """One optimizer step over this rank's micro-batches; returns the DP-mean loss."""
+class LossWindow:
+    """Per-step losses held as device tensors until a log interval reads them back: one
+    device-to-host transfer per window instead of one per step."""
+
+    def __init__(self) -> None:
+        self._held: list[tuple[int, torch.Tensor]] = []
+
+    def add(self, iteration: int, loss: torch.Tensor) -> None:
+        self._held.append((iteration, loss))
+
+    def read(self) -> list[tuple[int, float]]:
+        """(iteration, loss) of every step added since the last read, as Python floats."""
+        if not self._held:
+            return []
+        values = torch.stack([t.reshape(()).float() for _, t in self._held]).tolist()
+        out = [(it, v) for (it, _), v in zip(self._held, values)]
+        self._held = []
+        return out
+
+
+def step_loss(engine, topo, micro_batches) -> torch.Tensor:
+    """One optimizer step over this rank's micro-batches; the DP-mean loss as a 0-dim fp32
+    tensor on the device (nothing waits for it: read it through :class:`LossWindow`)."""
     if _is_pipe(engine):
-        return float(engine.train_batch(data_iter=iter(micro_batches)))
+        return engine.train_batch(data_iter=iter(micro_batches)).detach().float()
     total = torch.zeros((), dtype=torch.float32, device=engine.device)
     for ids, labels in micro_batches:
         loss = engine(ids.to(engine.device), to_device(labels, engine.device))
@@ -74,32 +102,38 @@ def train_step(engine, topo, micro_batches) -> float:
     if topo.dp > 1:
         dist.all_reduce(total, group=topo.dp_group)
         total /= topo.dp
-    return float(total)
+    return total
 
 
 @torch.no_grad()
 def eval_loss(engine, topo, dataset, loop: LoopConfig, global_batch: int) -> float:
-    """Mean loss over the first ``eval_iters`` global batches of ``dataset``."""
+    """Mean loss over the first ``eval_iters`` global batches of ``dataset`` (read back once)."""
     losses = []
-    for k in range(loop.eval_iters):
-        micro = rank_micro_batches(
-            dataset, k * global_batch, global_batch, loop.micro_batch, topo.dp, topo.dp_rank
-        )
-        if _is_pipe(engine):  # during ramp-up the engine's accumulation count is smaller
-            loss = engine.eval_batch(data_iter=iter(micro), num_micro_batches=len(micro))
-            losses.append(float(loss))
-            continue
-        engine.eval()
-        total = torch.zeros((), dtype=torch.float32, device=engine.device)
-        for ids, labels in micro:
-            total += engine(ids.to(engine.device), to_device(labels, engine.device)).float()
-        engine.train()
-        total /= len(micro)
-        if topo.dp > 1:
-            dist.all_reduce(total, group=topo.dp_group)
-            total /= topo.dp
-        losses.append(float(total))
+    with stage_loader(dataset, loop.micro_batch, topo, engine.device) as loader:
+        for k in range(loop.eval_iters):
+            micro = loader.get(k * global_batch, global_batch)
+            if k + 1 < loop.eval_iters:
+                loader.prefetch((k + 1) * global_batch, global_batch)
+            losses.append(_eval_batch(engine, topo, micro))
+    losses = torch.stack(losses).tolist()
     return sum(losses) / len(losses)
+
+
+def _eval_batch(engine, topo, micro) -> torch.Tensor:
+    """DP-mean loss of one global batch, a 0-dim fp32 device tensor."""
+    if _is_pipe(engine):  # during ramp-up the engine's accumulation count is smaller
+        loss = engine.eval_batch(data_iter=iter(micro), num_micro_batches=len(micro))
+        return loss.float().reshape(())  # (1,) on the stages the loss is broadcast to
+    engine.eval()
+    total = torch.zeros((), dtype=torch.float32, device=engine.device)
+    for ids, labels in micro:
+        total += engine(ids.to(engine.device), to_device(labels, engine.device)).float()
+    engine.train()
+    total /= len(micro)
+    if topo.dp > 1:
+        dist.all_reduce(total, group=topo.dp_group)
+        total /= topo.dp
+    return total
 
 
 def _grad_norm(engine) -> float | None:
@@ -160,82 +194,97 @@ def train(
                 tokenizer,
             )
 
-    while progress.iteration < loop.train_iters:
-        gb = ramp.global_batch_at(progress.consumed_samples)
-        if gb != engine.train_batch_size():
-            engine.set_train_batch_size(gb)
-        lr = schedule.lr_at(progress.iteration, progress.consumed_tokens)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-        micro = rank_micro_batches(
-            train_ds, progress.consumed_samples, gb, loop.micro_batch, topo.dp, topo.dp_rank
-        )
-        loss = train_step(engine, topo, micro)
-        progress.iteration += 1
-        progress.consumed_samples += gb
-        progress.consumed_tokens += gb * loop.seq_length
-        progress.losses.append((progress.iteration, loss))
-        window_tokens += gb * loop.seq_length
-        window_flops += flops_per_iteration(
-            gb,
-            loop.seq_length,
-            model_cfg.num_layers,
-            model_cfg.hidden_size,
-            model_cfg.padded_vocab_size(topo.tp),
-            recompute=False,
-        )
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-        if progress.iteration % loop.log_interval == 0 or progress.iteration == loop.train_iters:
-            dt = time.perf_counter() - window_t
-            tflops = achieved_tflops(window_flops, dt, dist.get_world_size())
-            fields = {
-                "consumed_samples": progress.consumed_samples,
-                "consumed_tokens": progress.consumed_tokens,
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": _grad_norm(engine),
-                "loss_scale": _loss_scale(engine),
-                "skipped_iters": engine.skipped_steps,
-                "global_batch": gb,
-                "tokens_per_sec": window_tokens / dt,
-                "tflops_per_gpu": tflops,
-            }
-            if peak_tflops is not None:
-                fields["mfu"] = mfu(tflops, peak_tflops)
-            if rank0:
-                line = format_log_line(progress.iteration, loop.train_iters, fields)
-                (bar.write if bar is not None else print)(line)
-            if logger is not None:
-                logger.log_train(progress.iteration, fields)
-            window_t, window_tokens, window_flops = time.perf_counter(), 0, 0.0
-        if valid_ds is not None and _eval_due(loop, progress.iteration):
-            vl = eval_loss(engine, topo, valid_ds, loop, ramp.global_batch_size)
-            fields = {
-                "val_loss": vl,
-                "val_ppl": math.exp(min(vl, 50.0)),
-                "consumed_tokens": progress.consumed_tokens,
-            }
-            if rank0:
-                msg = (
-                    f"validation at iteration {progress.iteration} | loss {vl:.4f} | "
-                    f"perplexity {fields['val_ppl']:.2f}"
-                )
-                (bar.write if bar is not None else print)(msg)
-            if logger is not None:
-                logger.log_eval(progress.iteration, fields)
-        if eval_tasks and _eval_due(loop, progress.iteration):
-            _run_eval_tasks(engine, topo, eval_tasks, loop, progress, logger, bar)
-        if loop.save_interval and progress.iteration % loop.save_interval == 0:
-            save()
-        if loop.exit_interval and progress.iteration >= loop.exit_interval:
-            break
+    losses = LossWindow()
+    loader = stage_loader(train_ds, loop.micro_batch, topo, engine.device)
+    try:
+        while progress.iteration < loop.train_iters:
+            gb = ramp.global_batch_at(progress.consumed_samples)
+            if gb != engine.train_batch_size():
+                engine.set_train_batch_size(gb)
+            lr = schedule.lr_at(progress.iteration, progress.consumed_tokens)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            micro = loader.get(progress.consumed_samples, gb)
+            _prefetch_next(loader, loop, ramp, progress, gb)
+            losses.add(progress.iteration + 1, step_loss(engine, topo, micro))
+            progress.iteration += 1
+            progress.consumed_samples += gb
+            progress.consumed_tokens += gb * loop.seq_length
+            window_tokens += gb * loop.seq_length
+            # model FLOPs of this architecture (GQA, SwiGLU, untied head); Megatron's
+            # 72 B s l h^2 (1 + s/6h + V/12lh) for the GPT shape
+            window_flops += iteration_flops(model_cfg, gb, recompute=False, tp=topo.tp)
+            if bar is not None:
+                bar.update(1)
+            last = progress.iteration == loop.train_iters
+            if progress.iteration % loop.log_interval == 0 or last:
+                progress.losses.extend(losses.read())  # the window's one host sync
+                loss = progress.losses[-1][1]
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                dt = time.perf_counter() - window_t
+                tflops = achieved_tflops(window_flops, dt, dist.get_world_size())
+                fields = {
+                    "consumed_samples": progress.consumed_samples,
+                    "consumed_tokens": progress.consumed_tokens,
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": _grad_norm(engine),
+                    "loss_scale": _loss_scale(engine),
+                    "skipped_iters": engine.skipped_steps,
+                    "global_batch": gb,
+                    "tokens_per_sec": window_tokens / dt,
+                    "tflops_per_gpu": tflops,
+                }
+                if peak_tflops is not None:
+                    fields["mfu"] = mfu(tflops, peak_tflops)
+                if rank0:
+                    line = format_log_line(progress.iteration, loop.train_iters, fields)
+                    (bar.write if bar is not None else print)(line)
+                if logger is not None:
+                    logger.log_train(progress.iteration, fields)
+                window_t, window_tokens, window_flops = time.perf_counter(), 0, 0.0
+            if valid_ds is not None and _eval_due(loop, progress.iteration):
+                _run_eval(engine, topo, valid_ds, loop, ramp, progress, logger, bar)
+            if eval_tasks and _eval_due(loop, progress.iteration):
+                _run_eval_tasks(engine, topo, eval_tasks, loop, progress, logger, bar)
+            if loop.save_interval and progress.iteration % loop.save_interval == 0:
+                save()
+            if loop.exit_interval and progress.iteration >= loop.exit_interval:
+                break
+    finally:
+        loader.close()
+    progress.losses.extend(losses.read())  # an --exit-interval stop between log intervals
     if loop.save and not (loop.save_interval and progress.iteration % loop.save_interval == 0):
         save()
     if bar is not None:
         bar.close()
     return progress
+
+
+def _prefetch_next(loader: StepLoader, loop, ramp, progress: Progress, gb: int) -> None:
+    """Start building the next step's micro-batches, unless this step is the last one."""
+    stop = loop.exit_interval or loop.train_iters
+    if progress.iteration + 1 < min(loop.train_iters, stop):
+        start = progress.consumed_samples + gb
+        loader.prefetch(start, ramp.global_batch_at(start))
+
+
+def _run_eval(engine, topo, valid_ds, loop, ramp, progress, logger, bar) -> None:
+    vl = eval_loss(engine, topo, valid_ds, loop, ramp.global_batch_size)
+    fields = {
+        "val_loss": vl,
+        "val_ppl": math.exp(min(vl, 50.0)),
+        "consumed_tokens": progress.consumed_tokens,
+    }
+    if topo.rank == 0:
+        msg = (
+            f"validation at iteration {progress.iteration} | loss {vl:.4f} | "
+            f"perplexity {fields['val_ppl']:.2f}"
+        )
+        (bar.write if bar is not None else print)(msg)
+    if logger is not None:
+        logger.log_eval(progress.iteration, fields)
 
 
 def _eval_due(loop: LoopConfig, iteration: int) -> bool:

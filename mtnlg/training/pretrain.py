@@ -7,6 +7,7 @@ self-describing: its saved model config and tokenizer are used, so no model flag
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch.distributed as dist
@@ -15,8 +16,9 @@ from mtnlg.config import ModelConfig
 from mtnlg.distributed.init import init_distributed, shutdown
 from mtnlg.distributed.topology import ParallelConfigError, ParallelDims, Topology
 from mtnlg.evaluation.tasks import prepare_eval_tasks
+from mtnlg.tensor_parallel import skip_init
 from mtnlg.training import checkpointing
-from mtnlg.training.arguments import build_parser, model_config_from_args
+from mtnlg.training.arguments import apply_kernel_flags, build_parser, model_config_from_args
 from mtnlg.training.data import build_datasets, check_data_path
 from mtnlg.training.loop import Progress, train
 from mtnlg.training.metrics import MetricsLogger
@@ -56,13 +58,32 @@ def resolve_model_and_tokenizer(args) -> tuple[ModelConfig, object, dict | None]
         raise _user_error(e) from None
 
 
+def apply_sequence_parallel(args, cfg: ModelConfig) -> None:
+    """``--sequence-parallel`` onto the (runtime-only) config field, refusing what it breaks."""
+    if not getattr(args, "sequence_parallel", False):
+        return
+    tp = args.tensor_model_parallel_size
+    if cfg.seq_length % tp:
+        raise ValueError(
+            f"--sequence-parallel: --seq-length ({cfg.seq_length}) is not divisible by "
+            f"--tensor-model-parallel-size ({tp})"
+        )
+    if args.eval_tasks:
+        raise ValueError(
+            "--eval-tasks runs the model's layers outside the engine and does not support "
+            "--sequence-parallel; run evaluate.py on the checkpoint instead"
+        )
+    cfg.sequence_parallel = tp > 1
+
+
 def check_peak_tflops(args) -> None:
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         raise ValueError(f"--peak-tflops {args.peak_tflops}: must be > 0 (the device's peak)")
 
 
 def run(argv: list[str] | None = None, description: str = __doc__) -> Progress:
-    args = build_parser(description).parse_args(argv)
+    args = build_parser(description, sequence_parallel=True).parse_args(argv)
+    apply_kernel_flags(args)
     init_distributed()
     try:
         return _run(args)
@@ -74,6 +95,7 @@ def _run(args: argparse.Namespace) -> Progress:
     try:
         tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
         model_cfg, tokenizer, saved = resolve_model_and_tokenizer(args)
+        apply_sequence_parallel(args, model_cfg)
         # the model against TP/PP first (needs no world), then the world itself
         ParallelDims(world_size=tp * pp, tp=tp, pp=pp).validate_model(
             num_layers=model_cfg.num_layers,
@@ -98,14 +120,16 @@ def _run(args: argparse.Namespace) -> Progress:
     except ValueError as e:  # DataError: names the file
         raise _user_error(e) from None
     topo = Topology(dims)
-    engine = build_engine(
-        model_cfg,
-        topo,
-        ds_config,
-        seed=args.seed,
-        checkpoint_activations=args.checkpoint_activations,
-        weight_decay=args.weight_decay,
-    )
+    # resuming: the checkpoint's weights and optimizer state follow, nothing is drawn
+    with skip_init() if saved is not None else nullcontext():
+        engine = build_engine(
+            model_cfg,
+            topo,
+            ds_config,
+            seed=args.seed,
+            checkpoint_activations=args.checkpoint_activations,
+            weight_decay=args.weight_decay,
+        )
     progress = Progress()
     if saved is not None:
         meta = checkpointing.load(engine, topo, args.load)

@@ -127,7 +127,8 @@ def resolve_ds_config(args, dims: ParallelDims, batch: BatchSizes) -> dict[str, 
     cfg.setdefault(
         "activation_checkpointing",
         {
-            "partition_activations": dims.tp > 1,
+            # sequence-parallel inputs are per-rank slices already: not partitioned again
+            "partition_activations": dims.tp > 1 and not getattr(args, "sequence_parallel", False),
             "contiguous_memory_optimization": False,
             "cpu_checkpointing": False,
         },
@@ -241,16 +242,28 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def configure_activation_checkpointing(topo: Topology, ds_config: dict) -> None:
-    """DeepSpeed's activation checkpointing, its saved activations partitioned over TP."""
+def configure_activation_checkpointing(
+    topo: Topology, ds_config: dict, sequence_parallel: bool = False
+) -> None:
+    """DeepSpeed's activation checkpointing, its saved activations partitioned over TP.
+
+    DeepSpeed partitions a checkpointed input it assumes equal on every TP rank; with sequence
+    parallelism the inputs are each rank's own slice (already tp times smaller): not partitioned.
+    """
     import deepspeed
 
     from mtnlg.distributed.topology import TensorParallelMPU
 
     ac = ds_config.get("activation_checkpointing", {})
+    partition = ac.get("partition_activations", topo.tp > 1 and not sequence_parallel)
+    if sequence_parallel and partition:
+        raise ValueError(
+            "--sequence-parallel with DeepSpeed's activation_checkpointing.partition_activations: "
+            "the checkpointed inputs already are per-rank sequence slices; set it to false"
+        )
     deepspeed.checkpointing.configure(
         TensorParallelMPU(topo),
-        partition_activations=ac.get("partition_activations", topo.tp > 1),
+        partition_activations=partition,
         contiguous_checkpointing=ac.get("contiguous_memory_optimization", False),
         checkpoint_in_cpu=ac.get("cpu_checkpointing", False),
     )
@@ -294,7 +307,12 @@ def build_engine(
     from mtnlg.tensor_parallel.random import model_parallel_seed
 
     if checkpoint_activations:
-        configure_activation_checkpointing(topo, ds_config)
+        configure_activation_checkpointing(topo, ds_config, cfg.sequence_parallel)
+    if cfg.sequence_parallel and topo.pp > 1:
+        # The pipeline engine would send 1/tp of a tensor it assumes equal on every TP rank and
+        # all-gather it on the receiver; sequence-parallel activations differ per rank (and are
+        # already tp times smaller): send each rank's own.
+        ds_config.setdefault("pipeline", {}).update(pipe_partitioned=False, grad_partitioned=False)
     model = (build_model or build_gpt)(cfg, topo, seed, checkpoint_activations)
     kwargs = {} if topo.pp > 1 else {"mpu": topo}
     model_parallel_seed(seed, tp_rank=topo.tp_rank, pp_rank=topo.pp_rank)

@@ -126,3 +126,14 @@ def test_bf16_tracks_fp32(demo_prefix, reference, tmp_path):
         want.grad_norms,
     )
     assert got.losses != want.losses  # not fp32 in disguise
+
+
+@pytest.mark.timeout(900)
+def test_tp2_pp2_sequence_parallel(demo_prefix, reference, tmp_path):
+    """--sequence-parallel: LayerNorm/dropout regions on (b, s/tp, h) slices, all-gather and
+    reduce-scatter instead of the all-reduces, LayerNorm and row-bias gradients summed over TP:
+    the same losses, gradient norms and weights as TP1 (hence as TP without it)."""
+    extra = ["--sequence-parallel", "--checkpoint-activations"]  # recompute on the slices too
+    got = pretrain(equivalence_args(demo_prefix, tp=2, pp=2, extra=extra), 4, tmp_path)
+    assert got.layout == (2, 2, 1)
+    assert_equivalent(got, reference["layouts"], LOSS_RTOL, NORM_RTOL, WEIGHT_ATOL)

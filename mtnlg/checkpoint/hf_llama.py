@@ -1,0 +1,301 @@
+"""Hugging Face Llama-family models <-> ``GPTModel``: names, fused tensors, config.
+
+``LlamaForCausalLM``, ``MistralForCausalLM`` and ``Qwen2ForCausalLM`` share one layout
+(``model.layers.{i}.self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``, RMSNorms,
+``lm_head`` when untied); they differ only in options (Qwen2: a QKV bias; Mistral: a sliding
+window, refused when it would mask anything). Linear weights are ``nn.Linear`` (out, in) on
+both sides, so nothing is transposed; two of our tensors are fusions of several HF tensors:
+
+* ``attention.qkv`` = q_proj | k_proj | v_proj rows. MHA: [q | k | v]. GQA (g KV groups,
+  n = heads / g): for each group j, [q heads j*n .. j*n+n-1 | k_j | v_j] (``fuse_qkv``).
+* ``mlp.up`` = [gate_proj | up_proj] rows (SwiGLU: silu(gate) * up).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor
+
+from mtnlg.checkpoint.rules import CheckpointError
+from mtnlg.config import ModelConfig
+
+MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+ARCH_CONFIG = {  # architecture -> transformers config class name
+    "LlamaForCausalLM": "LlamaConfig",
+    "MistralForCausalLM": "MistralConfig",
+    "Qwen2ForCausalLM": "Qwen2Config",
+}
+
+# (HF regex, GPTModel template, part of the fused tensor or None)
+LLAMA_RULES: list[tuple[str, str, str | None]] = [
+    (r"model\.embed_tokens\.weight", "embedding.word_embeddings.weight", None),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", "layers.{0}.ln_1.weight", None),
+    (
+        r"model\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)",
+        "layers.{0}.attention.qkv.{1}",
+        "q",
+    ),
+    (
+        r"model\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)",
+        "layers.{0}.attention.qkv.{1}",
+        "k",
+    ),
+    (
+        r"model\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)",
+        "layers.{0}.attention.qkv.{1}",
+        "v",
+    ),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", "layers.{0}.attention.dense.weight", None),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "layers.{0}.ln_2.weight", None),
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "layers.{0}.mlp.up.weight", "gate"),
+    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "layers.{0}.mlp.up.weight", "up"),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "layers.{0}.mlp.down.weight", None),
+    (r"model\.norm\.weight", "final_norm.weight", None),
+    (r"lm_head\.weight", "output_layer.weight", None),
+]
+_COMPILED = [(re.compile(f"^{p}$"), t, part) for p, t, part in LLAMA_RULES]
+# Buffers some older files carry; not parameters.
+IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+LM_HEAD = "lm_head.weight"
+EMBED = "model.embed_tokens.weight"
+
+
+def _reversed_rules() -> list[tuple[re.Pattern, str, str | None]]:
+    from mtnlg.checkpoint.hf import _reverse
+
+    return [(*_reverse(p, t), part) for p, t, part in LLAMA_RULES]
+
+
+RULES_REVERSED = _reversed_rules()
+
+
+def hf_to_ours_name(hf_name: str, tied: bool) -> tuple[str, str | None] | None:
+    """(GPTModel name, part) for an HF key; None for ignored buffers and a tied ``lm_head``."""
+    if (tied and hf_name == LM_HEAD) or IGNORED.match(hf_name):
+        return None
+    for pat, template, part in _COMPILED:
+        m = pat.match(hf_name)
+        if m:
+            return template.format(*m.groups()), part
+    raise CheckpointError(
+        f"unknown Hugging Face key {hf_name!r} (not a Llama/Mistral/Qwen2 parameter)"
+    )
+
+
+def ours_to_hf_names(name: str) -> list[tuple[str, str | None]]:
+    """[(HF name, part)] making up one GPTModel tensor, in fusion order (q, k, v / gate, up)."""
+    out = []
+    for pat, template, part in RULES_REVERSED:
+        m = pat.match(name)
+        if m:
+            out.append((template.format(*m.groups()), part))
+    if not out:
+        raise CheckpointError(f"no Hugging Face Llama name for {name!r}")
+    return out
+
+
+# ---- the fused tensors ------------------------------------------------------------------------
+
+
+def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, cfg: ModelConfig) -> Tensor:
+    """HF q (nh d, ...), k, v (g d, ...) -> our fused QKV rows ((nh + 2g) d, ...)."""
+    if cfg.num_query_groups is None:
+        return torch.cat([q, k, v])
+    g, d = cfg.num_query_groups, cfg.head_dim
+    n = cfg.num_attention_heads // g
+    rest = tuple(q.shape[1:])
+    per_group = [q.reshape(g, n * d, *rest), k.reshape(g, d, *rest), v.reshape(g, d, *rest)]
+    return torch.cat(per_group, dim=1).reshape(-1, *rest)  # (g (n + 2) d, ...)
+
+
+def split_qkv(qkv: Tensor, cfg: ModelConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Inverse of :func:`fuse_qkv`: (q, k, v) in HF's row order."""
+    d, nh = cfg.head_dim, cfg.num_attention_heads
+    if cfg.num_query_groups is None:
+        q, k, v = qkv.split(nh * d)
+        return q, k, v
+    g = cfg.num_query_groups
+    n, rest = nh // g, tuple(qkv.shape[1:])
+    q, k, v = qkv.reshape(g, (n + 2) * d, *rest).split([n * d, d, d], dim=1)
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+
+
+def combine(name: str, parts: dict[str | None, Tensor], cfg: ModelConfig) -> Tensor:
+    """Our tensor ``name`` from its HF pieces ({part: tensor}; part None for a plain copy)."""
+    if None in parts:
+        return parts[None]
+    if set(parts) == {"q", "k", "v"}:
+        return fuse_qkv(parts["q"], parts["k"], parts["v"], cfg)
+    return torch.cat([parts["gate"], parts["up"]])
+
+
+def to_hf_tensors(name: str, t: Tensor, cfg: ModelConfig) -> list[tuple[str, Tensor]]:
+    """[(HF name, tensor)] for one GPTModel tensor (split when fused)."""
+    hf = ours_to_hf_names(name)
+    if len(hf) == 1:
+        return [(hf[0][0], t.contiguous())]
+    pieces = split_qkv(t, cfg) if len(hf) == 3 else t.chunk(2)
+    return [(n, p.contiguous()) for (n, _), p in zip(hf, pieces)]
+
+
+def hf_shapes(name: str, shape: tuple[int, ...], cfg: ModelConfig) -> list[tuple[str, tuple]]:
+    """[(HF name, HF shape)] of one GPTModel tensor of full shape ``shape``."""
+    hf = ours_to_hf_names(name)
+    rest = tuple(shape[1:])
+    if len(hf) == 1:
+        return [(hf[0][0], tuple(shape))]
+    if len(hf) == 2:
+        return [(n, (shape[0] // 2, *rest)) for n, _ in hf]
+    rows = {"q": cfg.hidden_size, "k": cfg.kv_groups * cfg.head_dim}
+    return [(n, (rows.get(part, rows["k"]), *rest)) for n, part in hf]
+
+
+# ---- config -----------------------------------------------------------------------------------
+
+
+def _refuse(key: str, value, why: str) -> CheckpointError:
+    return CheckpointError(f"Hugging Face config {key}={value!r} is not supported: {why}")
+
+
+def _rope_theta(hf: dict) -> float:
+    """RoPE base from ``rope_parameters`` (transformers 5) or the older top-level keys; any
+    scaling type other than the plain one is refused."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling")
+    for key, d in (("rope_parameters", params), ("rope_scaling", scaling or {})):
+        field = "rope_type" if "rope_type" in d else "type"
+        kind = d.get(field, "default")
+        if kind != "default":
+            raise _refuse(f"{key}.{field}", kind, "only plain RoPE is computed (no scaling)")
+    factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if factor != 1.0:
+        raise _refuse("partial_rotary_factor", factor, "Llama-family models rotate every channel")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _check_options(hf: dict) -> None:
+    mt = hf["model_type"]
+    max_pos = hf.get("max_position_embeddings")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise _refuse("hidden_act", act, "only SwiGLU with silu is computed")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise _refuse(key, hf[key], "biases on every projection are not supported")
+    nh, h = hf["num_attention_heads"], hf["hidden_size"]
+    head_dim = hf.get("head_dim")
+    if h % nh or (head_dim is not None and head_dim != h // nh):
+        raise _refuse("head_dim", head_dim, f"it must equal hidden_size / heads ({h}/{nh})")
+    window = hf.get("sliding_window")
+    slides = mt == "mistral" or (mt == "qwen2" and hf.get("use_sliding_window", False))
+    if slides and window is not None and (max_pos is None or window < max_pos):
+        key = "use_sliding_window" if mt == "qwen2" else "sliding_window"
+        raise _refuse(
+            key,
+            hf[key],
+            f"a sliding window of {window} < max_position_embeddings {max_pos} masks tokens "
+            "that full causal attention sees",
+        )
+
+
+def config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> ModelConfig:
+    """ModelConfig from a Llama / Mistral / Qwen2 ``config.json`` dict (refusing what we do not
+    compute exactly)."""
+    mt = hf.get("model_type")
+    if mt not in MODEL_TYPES:
+        raise CheckpointError(f"model_type={mt!r} is not a Llama-family architecture")
+    _check_options(hf)
+    theta = _rope_theta(hf)
+    nh = hf["num_attention_heads"]
+    kv = hf.get("num_key_value_heads") or nh
+    max_pos = hf.get("max_position_embeddings", 2048)
+    return ModelConfig(
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        num_attention_heads=nh,
+        seq_length=max_pos,
+        max_position_embeddings=max_pos,
+        vocab_size=hf["vocab_size"],
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        ffn_hidden_size=hf["intermediate_size"],
+        hidden_dropout=0.0,
+        attention_dropout=float(hf.get("attention_dropout", 0.0)),
+        init_method_std=hf.get("initializer_range", 0.02),
+        layernorm_epsilon=hf.get("rms_norm_eps", 1e-6),
+        position_embedding_type="rope",
+        rotary_base=theta,
+        normalization="rmsnorm",
+        swiglu=True,
+        num_query_groups=None if kv == nh else kv,
+        untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
+        add_bias_linear=False,
+        add_qkv_bias=mt == "qwen2",
+        extra={
+            "hf_architecture": MODEL_TYPES[mt],
+            "hf_token_ids": {k: hf.get(k) for k in ("bos_token_id", "eos_token_id")},
+        },
+    )
+
+
+def is_llama_style(cfg: ModelConfig) -> bool:
+    return cfg.use_rope and cfg.normalization == "rmsnorm" and cfg.swiglu
+
+
+def check_exportable(cfg: ModelConfig, arch: str) -> None:
+    """Refuse a config that ``arch`` cannot represent exactly."""
+    bad = []
+    if not is_llama_style(cfg):
+        bad.append("RoPE + RMSNorm + SwiGLU")
+    if cfg.rotary_percent != 1.0:
+        bad.append("rotary_percent 1")
+    if cfg.add_bias_linear:
+        bad.append("no linear biases (--disable-bias-linear)")
+    if cfg.add_qkv_bias != (arch == "Qwen2ForCausalLM"):
+        bad.append("a QKV bias" if arch == "Qwen2ForCausalLM" else "no QKV bias")
+    if bad:
+        raise CheckpointError(f"{arch} export needs {', '.join(bad)}; this model config differs")
+
+
+def hf_config_dict(cfg: ModelConfig, arch: str, eod: int | None, dtype: torch.dtype) -> dict:
+    """A complete ``config.json`` for ``arch`` (through its ``transformers`` config class)."""
+    import transformers
+
+    check_exportable(cfg, arch)
+    ids = dict(cfg.extra.get("hf_token_ids") or {})
+    if eod is not None and ids.get("eos_token_id") is None:
+        ids["eos_token_id"] = eod
+    kwargs = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.kv_groups,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.layernorm_epsilon,
+        initializer_range=cfg.init_method_std,
+        attention_dropout=cfg.attention_dropout,
+        hidden_act="silu",
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rotary_base},
+        tie_word_embeddings=cfg.tied,
+        architectures=[arch],
+        bos_token_id=ids.get("bos_token_id"),
+        eos_token_id=ids.get("eos_token_id"),
+    )
+    if arch == "LlamaForCausalLM":
+        kwargs.update(attention_bias=False, mlp_bias=False, head_dim=cfg.head_dim)
+    elif arch == "MistralForCausalLM":
+        kwargs.update(sliding_window=None, head_dim=cfg.head_dim)
+    else:
+        kwargs.update(use_sliding_window=False, sliding_window=None)
+    conf = getattr(transformers, ARCH_CONFIG[arch])(**kwargs)
+    d = conf.to_dict()
+    d["torch_dtype"] = str(dtype).removeprefix("torch.")
+    d["dtype"] = d["torch_dtype"]
+    return d
