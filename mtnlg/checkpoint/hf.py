@@ -191,6 +191,11 @@ def hf_config_dict(cfg: ModelConfig, eod: int | None, dtype: torch.dtype) -> dic
         tie_word_embeddings=True,
         architectures=["GPT2LMHeadModel"],
     )
+    return config_json(conf, dtype)
+
+
+def config_json(conf, dtype: torch.dtype) -> dict:
+    """A ``transformers`` config as its ``config.json`` dict, with the weights' dtype."""
     d = conf.to_dict()
     d["torch_dtype"] = str(dtype).removeprefix("torch.")
     d["dtype"] = d["torch_dtype"]

@@ -294,8 +294,6 @@ def hf_config_dict(cfg: ModelConfig, arch: str, eod: int | None, dtype: torch.dt
         kwargs.update(sliding_window=None, head_dim=cfg.head_dim)
     else:
         kwargs.update(use_sliding_window=False, sliding_window=None)
-    conf = getattr(transformers, ARCH_CONFIG[arch])(**kwargs)
-    d = conf.to_dict()
-    d["torch_dtype"] = str(dtype).removeprefix("torch.")
-    d["dtype"] = d["torch_dtype"]
-    return d
+    from mtnlg.checkpoint.hf import config_json
+
+    return config_json(getattr(transformers, ARCH_CONFIG[arch])(**kwargs), dtype)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from mtnlg.config import ModelConfig
-from mtnlg.tensor_parallel.gqa import gqa_merge, gqa_split
+from mtnlg.tensor_parallel.gqa import gqa_local_rows, gqa_merge, gqa_split
 from mtnlg.tensor_parallel.layers import merge_partitions, split_tensor_for_rank
 
 WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
@@ -158,11 +158,7 @@ def shard_shape(name: str, cfg: ModelConfig, tp: int) -> tuple[int, ...]:
         shape[0] = cfg.padded_vocab_size(tp)
     split = split_of(name, cfg)
     if split == "gqa":
-        d, g = cfg.head_dim, cfg.kv_groups
-        rows = (
-            shape[0] // tp if g % tp == 0 else cfg.num_attention_heads // tp * d + 2 * d * g // tp
-        )
-        shape[0] = rows
+        shape[0] = gqa_local_rows(cfg.num_attention_heads, cfg.kv_groups, cfg.head_dim, tp)
     elif split is not None:
         dim = split[0] if split[0] < len(shape) else 0
         shape[dim] //= tp

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -47,13 +48,17 @@ def _sequence_parallel(cfg: ModelConfig, tp_group) -> bool:
     return cfg.sequence_parallel and _group_size(tp_group) > 1
 
 
-def sp_dropout(dropout: nn.Dropout, x: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
-    """Dropout; on a sequence slice (sequence parallelism) from the model-parallel generator,
-    so the TP ranks' slices get independent masks."""
+def _dropout_rng(dropout: nn.Dropout, sequence_parallel: bool):
+    """The generator of a dropout: on a sequence slice (sequence parallelism) the model-parallel
+    one, so the TP ranks' slices get independent masks; else the default one."""
     if sequence_parallel and dropout.training and dropout.p > 0.0:
-        with get_rng_tracker().fork():
-            return dropout(x)
-    return dropout(x)
+        return get_rng_tracker().fork()
+    return nullcontext()
+
+
+def sp_dropout(dropout: nn.Dropout, x: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    with _dropout_rng(dropout, sequence_parallel):
+        return dropout(x)
 
 
 class _VocabHead:
@@ -337,11 +342,8 @@ class TransformerBlock(nn.Module):
         return x + sp_dropout(self.dropout, self.mlp(self.ln_2(x)), sp)
 
     def _fused_add(self, y_bias, residual: torch.Tensor) -> torch.Tensor:
-        p, train = self.dropout.p, self.training
-        if self.sequence_parallel and train and p > 0.0:  # a sequence slice: the TP stream
-            with get_rng_tracker().fork():
-                return dropout_add_fn()(*y_bias, residual, p, train)
-        return dropout_add_fn()(*y_bias, residual, p, train)
+        with _dropout_rng(self.dropout, self.sequence_parallel):
+            return dropout_add_fn()(*y_bias, residual, self.dropout.p, self.training)
 
 
 class FinalLayerNorm(Norm):

@@ -44,6 +44,14 @@ def check_gqa_tp(nh: int, g: int, d: int, tp: int) -> None:
         raise ValueError(f"K/V rows of a group (2 x {d}) do not split over {tp // g} ranks")
 
 
+def gqa_local_rows(nh: int, g: int, d: int, tp: int) -> int:
+    """Rows of one rank's shard: g/t whole groups, or nh/t query heads + 1/m of a group's K/V."""
+    check_gqa_tp(nh, g, d, tp)
+    if g % tp == 0:
+        return (nh + 2 * g) * d // tp
+    return nh // tp * d + 2 * d // (tp // g)
+
+
 def gqa_split(full: Tensor, nh: int, g: int, d: int, tp: int, rank: int) -> Tensor:
     """This rank's rows (dim 0) of a full fused-QKV weight or bias in the global layout."""
     check_gqa_tp(nh, g, d, tp)
@@ -123,8 +131,7 @@ class GQAQKVLinear(nn.Module):
         dev = _resolve_device(device)
         rows = (nh + 2 * g) * d
         if init_skipped():  # weights follow: allocate this rank's rows only
-            local_rows = rows // tp if g % tp == 0 else self.q_rows + 2 * d // (tp // g)
-            shard = torch.empty((local_rows, hidden))
+            shard = torch.empty((gqa_local_rows(nh, g, d, tp), hidden))
         else:
             master = torch.empty((rows, hidden), dtype=torch.float32, device=master_device())
             init_method(master)  # the full master: TP-invariant draws
