@@ -221,22 +221,37 @@ def activation_bytes_per_layer(
     ffn: int | None = None,
     swiglu: bool = False,
     sequence_parallel: bool = False,
+    value_bytes: int = 2,
+    mask_bytes: int = 1,
 ) -> float:
     """Korthikanti et al. 2022 eq. 2 with TP, no sequence parallel: sbh(10 + 24/t + 5as/(ht));
     with sequence parallel (their eq. 4) the replicated 10sbh is split too: sbh/t (34 + 5as/h).
 
-    Generalised term by term (2 B per stored half-precision value): replicated 10sbh (two norm
-    inputs 4sbh, QKV and MLP inputs 4sbh, two dropout masks 2sbh); per TP rank Q 2sbh, K and V
-    2sb x kv_dim each (GQA: ``num_query_groups * head_dim``, default h), the dense input 2sbh,
-    the MLP's inner activations (GeLU: input and output 4sbf; SwiGLU as autograd keeps them:
-    gate, up, silu(gate), product 8sbf; default f = 4h) and the scores 5as^2b. RoPE and RMSNorm
-    store nothing beyond what LayerNorm / learned positions do.
+    Generalised term by term, in stored values (``value_bytes`` each, 2 in half precision)
+    and dropout masks (``mask_bytes`` each: 1 for CUDA's bool masks; the CPU's dropout keeps
+    the scaled noise in the input's dtype). Replicated (split over TP with sequence
+    parallelism): the two norm inputs, the QKV and MLP inputs (4sbh values) and the two
+    residual-dropout masks (2sbh masks). Per TP rank: Q (sbh), K and V (sb x kv_dim each; GQA:
+    ``num_query_groups * head_dim``, default h), the dense input (sbh), the MLP's inner
+    activations (GeLU: input and output 2sbf; SwiGLU as autograd keeps them: gate|up, silu(gate),
+    product 4sbf; default f = 4h), and the scores: softmax output and dropout output (2as^2b
+    values) and the attention-dropout mask (as^2b masks). The norms' fp32 statistics (8sb
+    bytes per norm) are not counted. ``tests/distributed/test_activation_memory.py`` measures
+    our GPT block (LayerNorm, GeLU, learned positions, dropout on) against this: equal to the
+    byte, with and without sequence parallelism.
+
+    Not modelled (measured on the CPU at TP2, h 64, fp32, against this formula): our RMSNorm
+    also keeps an fp32 copy of its input (+4 B per element per norm; +13 % without, +8 % with
+    sequence parallelism); RoPE keeps the rotated halves (+2 %); with fewer KV groups than
+    heads the CPU's SDPA expands K and V to every head before saving them (+3 to 4 %). The
+    scores (5as^2b) are what unfused attention keeps; flash attention keeps none of them.
     """
     kv = h if kv_dim is None else kv_dim
     f = 4 * h if ffn is None else ffn
-    per_rank = 4 * s * b * h + 4 * s * b * kv + (8 if swiglu else 4) * s * b * f
-    replicated = 10 * s * b * h / (t if sequence_parallel else 1)
-    return replicated + per_rank / t + 5 * a * s * s * b / t
+    per_rank = 2 * s * b * h + 2 * s * b * kv + (4 if swiglu else 2) * s * b * f
+    replicated = (4 * value_bytes + 2 * mask_bytes) * s * b * h / (t if sequence_parallel else 1)
+    scores = (2 * value_bytes + mask_bytes) * a * s * s * b
+    return replicated + (value_bytes * per_rank + scores) / t
 
 
 def model_activation_bytes_per_layer(

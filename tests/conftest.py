@@ -10,6 +10,12 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 sys.path.insert(0, str(ROOT))
+# The interpreter's bin first on PATH (as `make test` has it): torch's JIT builds DeepSpeed's CPU
+# ops with the first `ninja` found, and a system ninja of another version rebuilds (~1 min, every
+# rank waiting on the lock) whatever the venv's built last in the shared extensions folder.
+_BIN = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mtnlg.checkpoint import rules
+from mtnlg.checkpoint import integrity, rules
 from mtnlg.checkpoint.deepspeed_layout import META, DSCheckpoint, DSWriter
 from mtnlg.checkpoint.rules import CheckpointError
 from mtnlg.config import ModelConfig
@@ -105,6 +105,7 @@ def _write_root(tmp: Path, tag: str, meta: dict, tokenizer) -> None:
     (d / META).write_text(
         json.dumps({"format_version": FORMAT_VERSION, "tag": tag, **meta}, indent=2)
     )
+    integrity.write_local_manifest(d, tag)
     (tmp / "latest").write_text(tag + "\n")
 
 

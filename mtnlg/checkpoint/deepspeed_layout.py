@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtnlg.checkpoint import rules, zero_state
+from mtnlg.checkpoint import integrity, rules, zero_state
 from mtnlg.checkpoint.rules import CheckpointError
 from mtnlg.config import ModelConfig
 
@@ -139,6 +139,7 @@ class DSCheckpoint:
 
     def __init__(self, path: str | Path, tag: str | None = None):
         self.dir = resolve_dir(path, tag)
+        integrity.verify(self.dir)  # sizes and SHA-256 against the manifest saved with it
         self.meta = json.loads((self.dir / META).read_text())
         self.cfg = ModelConfig.from_dict(self.meta["model"])
         par = self.meta["parallel"]

@@ -32,11 +32,11 @@ from mtnlg.distillation.student_init import (
     student_config,
 )
 from mtnlg.distillation.teacher import Teacher, load_teacher
-from mtnlg.distributed.init import current_device, init_distributed, shutdown
+from mtnlg.distributed.init import current_device
 from mtnlg.distributed.topology import ParallelConfigError, ParallelDims, Topology
 from mtnlg.presets import preset_names
 from mtnlg.training import checkpointing
-from mtnlg.training.arguments import apply_kernel_flags, build_parser
+from mtnlg.training.arguments import add_exit_signal_args, apply_kernel_flags, build_parser
 from mtnlg.training.data import build_datasets, check_data_path
 from mtnlg.training.loop import Progress, train
 from mtnlg.training.metrics import MetricsLogger
@@ -49,6 +49,7 @@ from mtnlg.training.setup import (
     param_groups,
     resolve_ds_config,
 )
+from mtnlg.training.signals import training_session
 
 
 def add_distill_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -76,17 +77,16 @@ def add_distill_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def build_distill_parser(description: str) -> argparse.ArgumentParser:
-    return add_distill_args(build_parser(description))
+    p = build_parser(description)
+    add_exit_signal_args(p)
+    return add_distill_args(p)
 
 
 def run(argv: list[str] | None = None, description: str = __doc__) -> Progress:
     args = build_distill_parser(description).parse_args(argv)
     apply_kernel_flags(args)
-    init_distributed()
-    try:
-        return _run(args)
-    finally:
-        shutdown()
+    with training_session(args) as exit_signal:
+        return _run(args, exit_signal)
 
 
 def _check_flags(args) -> None:
@@ -137,7 +137,7 @@ def _dtype(ds_config: dict) -> torch.dtype:
     return torch.float32
 
 
-def _run(args: argparse.Namespace) -> Progress:
+def _run(args: argparse.Namespace, exit_signal=None) -> Progress:
     from mtnlg.config import ModelConfig
 
     try:
@@ -221,7 +221,8 @@ def _run(args: argparse.Namespace) -> Progress:
         )
     progress = Progress()
     if resumed:
-        p = checkpointing.load(engine, topo, args.load)["progress"]
+        verify = not args.no_verify_checkpoint_hash
+        p = checkpointing.load(engine, topo, args.load, verify_hash=verify)["progress"]
         progress = Progress(p["iteration"], p["consumed_samples"], p["consumed_tokens"])
         if topo.rank == 0:
             print(f"resumed from {args.load} at iteration {progress.iteration}", flush=True)
@@ -243,6 +244,7 @@ def _run(args: argparse.Namespace) -> Progress:
         progress = train(
             engine, topo, model_cfg, datasets, loop, schedule, ramp, progress, meta,
             tokenizer=tokenizer, logger=logger, peak_tflops=args.peak_tflops,
+            exit_signal=exit_signal,
         )  # fmt: skip
     finally:
         logger.close()

@@ -12,8 +12,12 @@ from datetime import timedelta
 import torch
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> None:
-    """Initialise the default process group once (idempotent) and pin this rank's device."""
+def init_distributed(timeout_minutes: float = 10.0) -> None:
+    """Initialise the default process group once (idempotent) and pin this rank's device.
+
+    ``timeout_minutes`` (``--distributed-timeout-minutes``, Megatron's default 10): how long a
+    collective may wait for a peer before it fails, so the ranks that survive a lost or hung
+    peer exit instead of hanging (gloo raises; NCCL's watchdog aborts the process)."""
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
@@ -36,13 +40,31 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
         deepspeed.init_distributed(
             dist_backend=acc.communication_backend_name(),
             auto_mpi_discovery=True,
+            # mpirun: the MPI discovery sets MASTER_PORT to this, not to the environment's
+            distributed_port=int(os.environ.get("MASTER_PORT", "29500")),
             timeout=timedelta(minutes=timeout_minutes),
             verbose=False,
         )
+        default_group_timeout(timedelta(minutes=timeout_minutes))
         release_shm_workspace()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if acc.device_name() != "cpu":
         acc.set_device(local_rank)
+
+
+def default_group_timeout(timeout: timedelta) -> None:
+    """Give every process group created from now on ``timeout``, as the world group has.
+
+    DeepSpeed builds the TP / PP / DP groups (``PipelineParallelGrid``, ZeRO) with
+    ``new_group(ranks)`` and no timeout, so torch gives them its module default (30 min on
+    gloo) whatever ``init_process_group`` was told: a peer lost mid-step would then hang the
+    others in a TP all-reduce for 30 minutes. torch reads that default from a module global
+    at each ``new_group``; setting it is the one way short of changing DeepSpeed."""
+    from torch.distributed import distributed_c10d as c10d
+
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if hasattr(c10d, name):
+            setattr(c10d, name, timeout)
 
 
 def shm_workspace_path(rank: int) -> str:
@@ -93,10 +115,14 @@ def current_device() -> torch.device:
     return torch.device(acc.device_name(acc.current_device()))
 
 
-def shutdown() -> None:
-    """Barrier then destroy the default group: exiting without it aborts ranks at random."""
+def shutdown(barrier: bool = True) -> None:
+    """Barrier then destroy the default group: exiting without it aborts ranks at random.
+
+    ``barrier=False`` on the way out of a failure: a peer that died would make the barrier wait
+    a whole ``--distributed-timeout-minutes`` before this rank could exit."""
     import torch.distributed as dist
 
     if dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()

@@ -16,9 +16,11 @@ def eval_engine(
     micro_batch: int = 1,
     bf16: bool = False,
     seed: int = 1234,
+    verify_hash: bool = True,
 ):
     """The engine ``build_engine(training=False)`` gives (pipeline engine at PP > 1), with the
-    newest checkpoint in ``load_dir`` loaded (no optimizer state); fp32 unless ``bf16``."""
+    newest checkpoint in ``load_dir`` loaded (no optimizer state, integrity checked: sizes, and
+    SHA-256 unless not ``verify_hash``); fp32 unless ``bf16``."""
     ds_config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
@@ -37,5 +39,5 @@ def eval_engine(
             weight_decay=0.0,
             training=False,
         )
-    checkpointing.load(engine, topo, load_dir, load_optimizer=False)
+    checkpointing.load(engine, topo, load_dir, load_optimizer=False, verify_hash=verify_hash)
     return engine

@@ -27,6 +27,7 @@ from mtnlg.evaluation.perplexity import (
 )
 from mtnlg.evaluation.tasks import DEFAULT_STRIDE, prepare_task
 from mtnlg.training import checkpointing
+from mtnlg.training.arguments import add_verify_hash_arg
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -75,6 +76,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--tensor-model-parallel-size", type=int, help="default: the checkpoint's")
     p.add_argument("--pipeline-model-parallel-size", type=int, help="default: the checkpoint's")
     p.add_argument("--bf16", action="store_true", help="evaluate in bf16 (default fp32)")
+    add_verify_hash_arg(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None)
     deepspeed.add_config_arguments(p)
     return p
@@ -176,7 +178,15 @@ def _run(args, meta: dict, data=None) -> dict:
     if data is None:
         data = _task_data(args, meta, seq)
     topo = Topology(dims)
-    engine = eval_engine(cfg, topo, args.load, args.micro_batch_size, args.bf16, args.seed)
+    engine = eval_engine(
+        cfg,
+        topo,
+        args.load,
+        args.micro_batch_size,
+        args.bf16,
+        args.seed,
+        verify_hash=not args.no_verify_checkpoint_hash,
+    )
     progress = not args.no_progress
     rows = None
     start = time.perf_counter()

@@ -82,6 +82,16 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--epochs {args.epochs}: must be > 0")
     if args.rampup_batch_size is not None:
         raise ValueError("--rampup-batch-size is not supported by fine-tuning")
+    if args.keep_last is not None:
+        raise ValueError(
+            "--keep-last is not supported by fine-tuning: it keeps the final checkpoint in --save "
+            "and only the best one in --save/best"
+        )
+    if args.no_verify_checkpoint_hash:
+        raise ValueError(
+            "--no-verify-checkpoint-hash is not supported by fine-tuning: its --load is read in "
+            "one pass that always checks sizes and SHA-256 against the manifest"
+        )
     if args.early_stop_patience is not None and args.early_stop_patience < 1:
         raise ValueError(f"--early-stop-patience {args.early_stop_patience}: must be >= 1")
     if args.task == "sft" and args.best_metric not in (None, "loss"):

@@ -25,8 +25,10 @@ import torch
 import torch.distributed as dist
 
 from mtnlg.training import checkpointing
+from mtnlg.training.data import stage_loader
 from mtnlg.training.loop import LossWindow, _grad_norm, _is_pipe, step_loss, to_device
 from mtnlg.training.metrics import MetricsLogger, format_log_line
+from mtnlg.training.nonfinite import DEFAULT_MAX_CONSECUTIVE, NonFiniteGuard
 
 HIGHER_IS_BETTER = {"val_accuracy": True, "val_f1": True, "val_loss": False}
 
@@ -55,6 +57,7 @@ class FinetuneConfig:
     save: str | None = None
     early_stop_patience: int | None = None
     progress_bar: bool = True
+    max_consecutive_nonfinite: int = DEFAULT_MAX_CONSECUTIVE
 
 
 @dataclass
@@ -82,14 +85,17 @@ class EpochOrder:
         return int(self._perms[epoch][pos])
 
 
-def rank_micro_indices(order, start: int, gb: int, micro: int, dp: int, dp_rank: int):
-    """This DP rank's micro-batches (lists of example indices) of global batch [start, start+gb):
-    sample j goes to accumulation step j // (dp*micro), DP rank (j // micro) % dp."""
-    out = []
-    for g in range(gb // (micro * dp)):
-        first = start + (g * dp + dp_rank) * micro
-        out.append([order[i] for i in range(first, first + micro)])
-    return out
+class TaskSamples:
+    """The task's examples as pretraining's step loader reads a dataset: global sample index ->
+    example (``EpochOrder``), and ``micro_batch(sample ids)`` -> ``task.batch`` of those
+    examples. ``mtnlg.training.data.rank_micro_batches`` then splits each global batch over DP
+    ranks and micro-batches exactly as in pretraining."""
+
+    def __init__(self, task: Task, order: EpochOrder):
+        self.task, self.order = task, order
+
+    def micro_batch(self, sample_ids) -> tuple:
+        return self.task.batch([self.task.train[self.order[i]] for i in sample_ids])
 
 
 def eval_outputs(engine, topo, batches: list, compute_loss: bool) -> list | None:
@@ -156,6 +162,8 @@ def finetune(
     say = (bar.write if bar is not None else print) if rank0 else (lambda _msg: None)
     best_loss, stale = math.inf, 0
     window = LossWindow()  # losses stay on the device until a log interval reads them
+    world = dist.get_world_size()
+    nonfinite = NonFiniteGuard(engine, topo.rank, world, cfg.max_consecutive_nonfinite, say)
 
     def save(root: str) -> str:
         progress = {
@@ -167,67 +175,71 @@ def finetune(
             engine, topo, root, out.iteration, {**meta, "progress": progress}, tokenizer
         )
 
-    while out.iteration < cfg.train_iters:
-        lr = schedule.lr_at(out.iteration, out.consumed_samples * cfg.seq_length)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-        idx = rank_micro_indices(
-            order, out.consumed_samples, cfg.global_batch, cfg.micro_batch, topo.dp, topo.dp_rank
-        )
-        micro = [task.batch([task.train[i] for i in ix]) for ix in idx]
-        window.add(out.iteration + 1, step_loss(engine, topo, micro))
-        out.iteration += 1
-        out.consumed_samples += cfg.global_batch
-        if bar is not None:
-            bar.update(1)
-        last = out.iteration == cfg.train_iters
-        if out.iteration % cfg.log_interval == 0 or last:
-            out.losses.extend(window.read())
-            loss = out.losses[-1][1]
+    # data on the first and last pipeline stages only, one step ahead (pretraining's loader)
+    samples = TaskSamples(task, order)
+    with stage_loader(samples, cfg.micro_batch, topo, engine.device) as loader:
+        while out.iteration < cfg.train_iters:
+            lr = schedule.lr_at(out.iteration, out.consumed_samples * cfg.seq_length)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            micro = loader.get(out.consumed_samples, cfg.global_batch)  # middle stages: None
+            if out.iteration + 1 < cfg.train_iters:  # the next step, built while this one runs
+                loader.prefetch(out.consumed_samples + cfg.global_batch, cfg.global_batch)
+            with nonfinite.step(out.iteration + 1):  # skipped if non-finite on any rank
+                window.add(out.iteration + 1, step_loss(engine, topo, micro))
+            out.iteration += 1
+            out.consumed_samples += cfg.global_batch
             if bar is not None:
-                bar.set_postfix(loss=f"{loss:.4f}")
-            fields = {
-                "consumed_samples": out.consumed_samples,
-                "epoch": out.consumed_samples / len(task.train),
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": _grad_norm(engine),
-                "global_batch": cfg.global_batch,
-            }
-            say(format_log_line(out.iteration, cfg.train_iters, fields))
+                bar.update(1)
+            last = out.iteration == cfg.train_iters
+            if out.iteration % cfg.log_interval == 0 or last or nonfinite.stopping:
+                out.losses.extend(window.read())
+                loss = out.losses[-1][1]
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                fields = {
+                    "consumed_samples": out.consumed_samples,
+                    "epoch": out.consumed_samples / len(task.train),
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": _grad_norm(engine),
+                    "global_batch": cfg.global_batch,
+                }
+                say(format_log_line(out.iteration, cfg.train_iters, fields))
+                if logger is not None:
+                    logger.log_train(out.iteration, fields)
+            nonfinite.stop_if_due(out.iteration)  # N in a row: exit non-zero, no save
+            if task.evaluate is None or not cfg.eval_interval:
+                continue
+            if out.iteration % cfg.eval_interval and not last:
+                continue
+            metrics = task.evaluate(engine, topo)
+            out.evals.append((out.iteration, metrics))
+            say(f"validation at iteration {out.iteration} | " + _format_metrics(metrics))
             if logger is not None:
-                logger.log_train(out.iteration, fields)
-        if task.evaluate is None or not cfg.eval_interval:
-            continue
-        if out.iteration % cfg.eval_interval and not last:
-            continue
-        metrics = task.evaluate(engine, topo)
-        out.evals.append((out.iteration, metrics))
-        say(f"validation at iteration {out.iteration} | " + _format_metrics(metrics))
-        if logger is not None:
-            logger.log_eval(out.iteration, metrics)
-        value = metrics[task.best_metric]
-        if out.best is None or _better(task.best_metric, value, out.best["value"]):
-            tag = save(str(Path(cfg.save) / "best")) if cfg.save else None
-            if tag and rank0:
-                _drop_other_tags(Path(cfg.save) / "best", tag)
-            out.best = {
-                "iteration": out.iteration,
-                "metric": task.best_metric,
-                "value": value,
-                "tag": tag,
-            }
-        if metrics["val_loss"] < best_loss:
-            best_loss, stale = metrics["val_loss"], 0
-        else:
-            stale += 1
-        if cfg.early_stop_patience and stale >= cfg.early_stop_patience and not last:
-            say(
-                f"early stop at iteration {out.iteration}: dev loss has not improved for "
-                f"{stale} evaluations (best {best_loss:.4f})"
-            )
-            out.stopped_early = True
-            break
+                logger.log_eval(out.iteration, metrics)
+            value = metrics[task.best_metric]
+            if out.best is None or _better(task.best_metric, value, out.best["value"]):
+                tag = save(str(Path(cfg.save) / "best")) if cfg.save else None
+                if tag and rank0:
+                    _drop_other_tags(Path(cfg.save) / "best", tag)
+                out.best = {
+                    "iteration": out.iteration,
+                    "metric": task.best_metric,
+                    "value": value,
+                    "tag": tag,
+                }
+            if metrics["val_loss"] < best_loss:
+                best_loss, stale = metrics["val_loss"], 0
+            else:
+                stale += 1
+            if cfg.early_stop_patience and stale >= cfg.early_stop_patience and not last:
+                say(
+                    f"early stop at iteration {out.iteration}: dev loss has not improved for "
+                    f"{stale} evaluations (best {best_loss:.4f})"
+                )
+                out.stopped_early = True
+                break
     out.losses.extend(window.read())  # an early stop between log intervals
     if cfg.save:
         save(cfg.save)

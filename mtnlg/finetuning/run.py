@@ -43,7 +43,7 @@ def run(argv: list[str] | None = None, description: str = __doc__):
         check_flags(args)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    init_distributed()
+    init_distributed(args.distributed_timeout_minutes)
     try:
         if args.predict:
             from mtnlg.finetuning.predict import predict
@@ -139,6 +139,7 @@ def _run(args: argparse.Namespace) -> Outcome:
         save=args.save,
         early_stop_patience=args.early_stop_patience,
         progress_bar=not args.no_progress,
+        max_consecutive_nonfinite=args.max_consecutive_nonfinite,
     )
     logger = MetricsLogger(args.metrics_file, args.tensorboard_dir, enabled=topo.rank == 0)
     try:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtnlg.tensor_parallel.layers import (
@@ -28,7 +27,7 @@ from mtnlg.tensor_parallel.layers import (
     _set_tp_attributes,
     init_skipped,
     master_device,
-    tp_input,
+    tp_linear,
 )
 from mtnlg.tensor_parallel.mappings import tp_rank, tp_world_size
 
@@ -148,7 +147,6 @@ class GQAQKVLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (b, s, h) replicated -> (b, s, (nh_l + 2 g_l) d) in local group blocks
-        x = tp_input(x, self.tp_group, self.sequence_parallel)
         w, b = self.weight, self.bias
         if self.replicated:
             m = tp_world_size(self.tp_group) // self.g
@@ -156,7 +154,7 @@ class GQAQKVLinear(nn.Module):
             if b is not None:
                 b = _GatherGroupKV.apply(b, self.q_rows, self.g, m, self.tp_group)
             # -> the local rows [q (nh/t heads) | k_j | v_j]: one group block
-        return F.linear(x, w, b)
+        return tp_linear(x, w, b, self.tp_group, self.sequence_parallel)
 
     def split_heads(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(b, s, rows) -> q (b, nh_l, s, d), k and v (b, g_l, s, d)."""

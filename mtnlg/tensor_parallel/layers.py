@@ -29,7 +29,7 @@ from mtnlg.tensor_parallel.mappings import (
     tp_rank,
     tp_world_size,
 )
-from mtnlg.tensor_parallel.sequence import gather_from_sequence, reduce_scatter_to_sequence
+from mtnlg.tensor_parallel.sequence import reduce_scatter_to_sequence, sequence_parallel_linear
 
 InitMethod = Callable[[Tensor], None]
 
@@ -242,10 +242,9 @@ class ColumnParallelLinear(nn.Module):
         # x: (..., in) replicated on every TP rank; its gradient (fresh from F.linear's
         # backward, read by nothing else) is all-reduced in place. With sequence parallelism
         # x is (b, s/tp, in): all-gathered along the sequence (gradient reduce-scattered).
-        x = tp_input(x, self.tp_group, self.sequence_parallel)
         if skip_bias_add:
-            return F.linear(x, self.weight), self.bias
-        y = F.linear(x, self.weight, self.bias)  # (..., out / tp)
+            return tp_linear(x, self.weight, None, self.tp_group, self.sequence_parallel), self.bias
+        y = tp_linear(x, self.weight, self.bias, self.tp_group, self.sequence_parallel)
         if not self.gather_output:
             return y
         y = gather_from_tp_region(y, self.tp_group)  # (..., out) in [rank 0 | rank 1 | ...] order
@@ -400,13 +399,16 @@ class VocabParallelEmbedding(nn.Module):
         )
 
 
-def tp_input(x: Tensor, group, sequence_parallel: bool = False) -> Tensor:
-    """The input of a column-parallel GEMM: ``copy_to_tp_region`` (gradient all-reduced in
-    place: it is F.linear's fresh input gradient), or with sequence parallelism the all-gather
-    of the (b, s/tp, h) slices (gradient reduce-scattered)."""
+def tp_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, group, sequence_parallel: bool = False
+) -> Tensor:
+    """A column-parallel GEMM: (..., in) -> (..., out / tp). Its input passes through
+    ``copy_to_tp_region`` (gradient all-reduced in place: it is F.linear's fresh input
+    gradient), or with sequence parallelism the (b, s/tp, in) slices are all-gathered
+    (gradient reduce-scattered) and only the slice is kept for backward."""
     if sequence_parallel:
-        return gather_from_sequence(x, group)
-    return copy_to_tp_region(x, group, inplace=True)
+        return sequence_parallel_linear(x, weight, bias, group)
+    return F.linear(copy_to_tp_region(x, group, inplace=True), weight, bias)
 
 
 def parallel_lm_logits(
@@ -421,4 +423,4 @@ def parallel_lm_logits(
     Feed the result to :func:`mtnlg.tensor_parallel.vocab_parallel_cross_entropy`; the full
     (..., V) logits are never materialised.
     """
-    return F.linear(tp_input(hidden, group, sequence_parallel), word_embeddings_weight)
+    return tp_linear(hidden, word_embeddings_weight, None, group, sequence_parallel)

@@ -12,7 +12,14 @@ function                           forward                         backward
 ``scatter_to_sequence``            keep own slice of dim 1         all-gather dim 1
 ``gather_from_sequence``           all-gather dim 1                reduce-scatter dim 1
 ``reduce_scatter_to_sequence``     reduce-scatter dim 1            all-gather dim 1
+``sequence_parallel_linear``       all-gather dim 1, then GEMM     all-gather again, GEMMs,
+                                                                   reduce-scatter dim 1
 =================================  ==============================  ===========================
+
+``sequence_parallel_linear`` keeps only this rank's (b, s/tp, h) slice for its backward and
+all-gathers it again there (Megatron's ``LinearWithGradAccumulationAndAsyncCommunication``):
+autograd through ``gather_from_sequence`` + ``F.linear`` would keep the gathered (b, s, h)
+input, 2sbh per column-parallel GEMM instead of the 2sbh/tp of Korthikanti et al.'s eq. 4.
 
 Sequence slices are contiguous, in TP rank order. gloo has no reduce-scatter: there it is an
 all-reduce followed by taking one's slice (same values, more traffic; NCCL uses the real one).
@@ -89,6 +96,33 @@ class _ReduceScatterToSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _gather_seq(grad, ctx.group), None
+
+
+class _SequenceParallelLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        ctx.group = group
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)  # the (b, s/tp, h) slice, not the gathered input
+        return torch.nn.functional.linear(_gather_seq(x, group), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        full = _gather_seq(x, ctx.group)  # (b, s, h) again, freed when backward returns
+        grad_in = _reduce_scatter_seq(grad.matmul(weight), ctx.group)  # (b, s/tp, h)
+        g2 = grad.reshape(-1, grad.shape[-1])  # (b*s, out/tp)
+        grad_w = g2.t().matmul(full.reshape(-1, full.shape[-1]))  # (out/tp, h)
+        grad_b = g2.sum(0) if ctx.has_bias else None
+        return grad_in, grad_w, grad_b, None
+
+
+def sequence_parallel_linear(x: Tensor, weight: Tensor, bias: Tensor | None, group) -> Tensor:
+    """(b, s/tp, h) slice -> F.linear(all-gathered (b, s, h), weight, bias): (b, s, out/tp).
+    Keeps the slice for backward (re-gathered there); the input gradient is reduce-scattered."""
+    if tp_world_size(group) == 1:
+        return torch.nn.functional.linear(x, weight, bias)
+    return _SequenceParallelLinear.apply(x, weight, bias, group)
 
 
 def scatter_to_sequence(x: Tensor, group) -> Tensor:

@@ -93,6 +93,23 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="set by the deepspeed launcher (ignored: LOCAL_RANK is read)",
     )
+    g.add_argument(
+        "--distributed-timeout-minutes", type=float, default=10.0,
+        help="a collective waiting longer than this fails (a lost or hung peer): the other "
+        "ranks exit instead of hanging (default 10, as Megatron; fractions allowed)",
+    )  # fmt: skip
+
+
+def add_exit_signal_args(p: argparse.ArgumentParser) -> None:
+    """Megatron's preemption flags (training entry points only; see mtnlg/training/signals.py)."""
+    from mtnlg.training.signals import SIGNAL_NAMES
+
+    g = p.add_argument_group("preemption")
+    g.add_argument(
+        "--exit-signal-handler", action="store_true",
+        help="on --exit-signal: save a checkpoint at the next iteration boundary and exit 0",
+    )  # fmt: skip
+    g.add_argument("--exit-signal", default="SIGTERM", choices=SIGNAL_NAMES)
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -146,6 +163,14 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
+    from mtnlg.training.nonfinite import DEFAULT_MAX_CONSECUTIVE, non_negative_int
+
+    g.add_argument(
+        "--max-consecutive-nonfinite", type=non_negative_int, default=DEFAULT_MAX_CONSECUTIVE,
+        metavar="N", help="a step whose loss or gradients are non-finite on any rank is skipped "
+        "(weights and optimizer state unchanged); stop, non-zero and without saving, after N in "
+        f"a row (fp16: once the loss scale is at its minimum; 0: never; default {DEFAULT_MAX_CONSECUTIVE})",
+    )  # fmt: skip
     g.add_argument(
         "--checkpoint-activations",
         action="store_true",
@@ -159,11 +184,35 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def add_verify_hash_arg(p) -> None:
+    """``--no-verify-checkpoint-hash`` (every entry point with ``--load``)."""
+    p.add_argument(
+        "--no-verify-checkpoint-hash",
+        action="store_true",
+        help="--load checks the files' sizes against the checkpoint's manifest but not their "
+        "SHA-256 (faster for huge checkpoints; the hashing is split over the ranks)",
+    )
+
+
 def add_checkpoint_logging_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpoints, evaluation, logging")
     g.add_argument("--save")
     g.add_argument("--load")
     g.add_argument("--save-interval", type=int)
+    g.add_argument(
+        "--keep-last",
+        type=_positive_int,
+        metavar="N",
+        help="after each complete save, delete the checkpoints older than the newest N (never "
+        "the one 'latest' names); also removes folders of failed saves (default: keep all)",
+    )
+    add_verify_hash_arg(g)
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--log-interval", type=int, default=10)

@@ -7,28 +7,41 @@ Layout of ``--save DIR``::
     DIR/iter_0000100/mtnlg_meta.json   resolved model/parallel/train config, progress
     DIR/iter_0000100/tokenizer/     the tokenizer files, so the checkpoint is self-describing
     DIR/iter_0000100/rng/rank_00003.pt  every rank's generator states
+    DIR/iter_0000100/mtnlg_manifest.json  every file's size and SHA-256 (``integrity``)
+    DIR/iter_0000200.partial/       a save in progress (or a crashed one): never loaded
 
-``latest`` moves only after a barrier that every rank reaches once its files are written, and
-it is replaced atomically (temp file + rename): a crash mid-save leaves the previous tag usable.
+A save writes ``iter_N.partial``; once every rank's writes succeeded (agreed by all ranks) and
+the manifest is written, the folder is renamed to ``iter_N`` and then ``latest`` is replaced
+atomically (temp file + rename): a crash or a full disk mid-save leaves the previous tag usable.
+Every load checks the files against the manifest first.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mtnlg.checkpoint import integrity
+from mtnlg.checkpoint.rules import CheckpointError
 from mtnlg.distributed.topology import ParallelDims
 
 META = "mtnlg_meta.json"
 FORMAT_VERSION = 1
+_TAG = re.compile(r"iter_\d+")
 
 
 def tag_for(iteration: int) -> str:
     return f"iter_{iteration:07d}"
+
+
+def _refuse(load_dir, e: Exception) -> SystemExit:
+    return SystemExit(f"error: --load {load_dir}: {e}")
 
 
 def read_latest(load_dir: str | Path) -> str:
@@ -38,12 +51,22 @@ def read_latest(load_dir: str | Path) -> str:
     return path.read_text().strip()
 
 
+def tag_dir(load_dir: str | Path, tag: str | None = None) -> Path:
+    """The complete tag folder ``latest`` (or ``tag``) names, its metadata checked against the
+    manifest (the other files: :func:`load`, split over the ranks); else SystemExit naming the
+    tag or the file. Every rank fails alike, so this may run before any process group."""
+    try:
+        d = integrity.resolve_tag(Path(load_dir), tag)
+    except CheckpointError as e:
+        raise _refuse(load_dir, e) from None
+    bad = integrity.problems(d, rank=int(os.environ.get("RANK", "0")), only=[META])
+    if bad:
+        raise _refuse(load_dir, bad[0])
+    return d
+
+
 def read_meta(load_dir: str | Path, tag: str | None = None) -> dict[str, Any]:
-    tag = tag or read_latest(load_dir)
-    path = Path(load_dir) / tag / META
-    if not path.is_file():
-        raise SystemExit(f"error: --load {load_dir}: {path} is missing (incomplete checkpoint?)")
-    return json.loads(path.read_text())
+    return json.loads((tag_dir(load_dir, tag) / META).read_text())
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -75,35 +98,123 @@ def set_rng_state(state: dict[str, Any]) -> None:
         get_accelerator().set_rng_state(state["accelerator"])
 
 
-def save(engine, topo, save_dir: str, iteration: int, meta: dict[str, Any], tokenizer=None) -> str:
-    """Every rank calls this. Returns the tag written."""
+def _gather(obj) -> list:
+    import torch.distributed as dist
+
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _write_rank_files(ckpt: Path, rank: int, meta: dict, tag: str, tokenizer) -> None:
+    rng_dir = ckpt / "rng"
+    rng_dir.mkdir(parents=True, exist_ok=True)
+    with open(rng_dir / f"rank_{rank:05d}.pt", "wb") as f:  # OSError with errno on ENOSPC
+        torch.save(rng_state(), f)
+    if rank == 0:
+        if tokenizer is not None:
+            tokenizer.save(ckpt / "tokenizer")
+        body = {"format_version": FORMAT_VERSION, "tag": tag, **meta}
+        _write_atomic(ckpt / META, json.dumps(body, indent=2))
+
+
+def _publish(root: Path, part: Path, tag: str) -> None:
+    """``part`` becomes ``root/tag`` (a tag saved again replaces the older folder)."""
+    final, aside = root / tag, root / (tag + ".old")
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+    os.replace(part, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def save(
+    engine,
+    topo,
+    save_dir: str,
+    iteration: int,
+    meta: dict[str, Any],
+    tokenizer=None,
+    keep_last: int | None = None,
+) -> str:
+    """Every rank calls this. Returns the tag written.
+
+    Files go to ``DIR/iter_N.partial``. A write that fails on any rank (disk full) is agreed
+    on by all ranks: the partial folder is removed, ``latest`` stays, and every rank exits
+    (rank 0 naming the path and errno). Otherwise the ranks hash the files (split over ranks),
+    rank 0 writes the manifest, renames the folder to ``DIR/iter_N``, moves ``latest`` and,
+    with ``keep_last``, deletes the complete tags older than the newest ``keep_last``."""
     import torch.distributed as dist
 
     tag = tag_for(iteration)
     root = Path(save_dir)
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    ckpt = root / tag
-    rng_dir = ckpt / "rng"
-    rng_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), rng_dir / f"rank_{topo.rank:05d}.pt")
-    if topo.rank == 0:
-        if tokenizer is not None:
-            tokenizer.save(ckpt / "tokenizer")
-        _write_atomic(
-            ckpt / META,
-            json.dumps({"format_version": FORMAT_VERSION, "tag": tag, **meta}, indent=2),
-        )
+    part = root / (tag + integrity.PARTIAL)
+    rank0 = topo.rank == 0
+    if rank0:
+        shutil.rmtree(part, ignore_errors=True)  # a crashed save's leftovers
+    dist.barrier()
+    with integrity.WriteGuard(engine) as guard:
+        engine.save_checkpoint(str(root), tag=part.name, save_latest=False)
+        guard.run(_write_rank_files, part, topo.rank, meta, tag, tokenizer, where=str(part))
     if os.environ.get("MTNLG_TEST_DIE_BEFORE_LATEST") == str(iteration):
         os._exit(17)  # test hook: a crash after the files, before `latest` moves
-    dist.barrier()  # every rank has written its files
-    if topo.rank == 0:
-        _write_atomic(root / "latest", tag + "\n")
+    failed = [(r, e) for r, e in enumerate(_gather(guard.error)) if e]  # every rank has written
+    if not failed:
+        files = [integrity.list_files(part) if rank0 else None]
+        dist.broadcast_object_list(files, src=0)
+        shares = _gather(integrity.hash_share(part, files[0], topo.rank, dist.get_world_size()))
+        outcome = [None]
+        if rank0:
+            try:
+                integrity.write_manifest(part, tag, {k: v for s in shares for k, v in s.items()})
+                _publish(root, part, tag)
+                _write_atomic(root / "latest", tag + "\n")
+            except OSError as e:
+                outcome[0] = integrity.describe(e)
+        dist.broadcast_object_list(outcome, src=0)
+        failed = [(0, outcome[0])] if outcome[0] else []
+    if failed:
+        if rank0:
+            shutil.rmtree(part, ignore_errors=True)
+        dist.barrier()
+        r, why = failed[0]
+        latest = root / "latest"
+        prev = latest.read_text().strip() if latest.is_file() else "nothing"
+        raise SystemExit(
+            f"error: --save {root}: saving {tag} failed on rank {r}: {why}; the partial "
+            f"checkpoint was removed and 'latest' still names {prev}"
+            if rank0
+            else 1
+        )
+    if rank0 and keep_last:
+        prune(root, keep_last)
     dist.barrier()
     return tag
 
 
-def load(engine, topo, load_dir: str, *, load_optimizer: bool = True) -> dict[str, Any]:
+def prune(root: Path, keep_last: int) -> list[str]:
+    """Delete complete tags beyond the newest ``keep_last`` (never the one ``latest`` names,
+    so never the only complete one) and stale ``.partial``/``.old`` folders; returns them."""
+    latest = read_latest(root)
+    tags = [d for d in root.glob("iter_*") if d.is_dir() and _TAG.fullmatch(d.name)]
+    complete = sorted((d for d in tags if (d / META).is_file()), key=lambda d: int(d.name[5:]))
+    doomed = [d for d in complete[:-keep_last] if d.name != latest]
+    doomed += [
+        d for d in root.glob("iter_*") if d.is_dir() and d.name.endswith((".partial", ".old"))
+    ]
+    for d in doomed:
+        shutil.rmtree(d, ignore_errors=True)
+    return sorted(d.name for d in doomed)
+
+
+def load(
+    engine, topo, load_dir: str, *, load_optimizer: bool = True, verify_hash: bool = True
+) -> dict[str, Any]:
     """Load the newest complete checkpoint into ``engine``; returns its metadata.
+
+    Integrity first: every file the manifest lists must be there with its size and (unless
+    ``verify_hash`` is off: ``--no-verify-checkpoint-hash``) its SHA-256, the checks split
+    over the ranks and agreed; else every rank exits (rank 0 naming the file).
 
     A checkpoint whose metadata says ``"weights_only": true`` (written by
     ``checkpoint_tools/convert_checkpoint.py``) loads its weights only: the optimizer starts
@@ -119,8 +230,16 @@ def load(engine, topo, load_dir: str, *, load_optimizer: bool = True) -> dict[st
     from an uninterrupted run at the old DP: each rank now draws for ``global / (micro x DP)``
     micro-batches per step instead of the old count.
     """
-    tag = read_latest(load_dir)
-    meta = read_meta(load_dir, tag)
+    import torch.distributed as dist
+
+    d = tag_dir(load_dir)
+    tag = d.name
+    mine = integrity.problems(d, verify_hash, topo.rank, dist.get_world_size())
+    bad = sorted({b for rank_bad in _gather(mine) for b in rank_bad})
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise _refuse(load_dir, bad[0] + more) if topo.rank == 0 else SystemExit(1)
+    meta = json.loads((d / META).read_text())
     saved = meta["parallel"]
     if (saved["tp"], saved["pp"]) != (topo.tp, topo.pp):
         raise SystemExit(

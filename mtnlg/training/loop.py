@@ -24,7 +24,9 @@ from mtnlg.training.metrics import (
     format_log_line,
     mfu,
 )
+from mtnlg.training.nonfinite import DEFAULT_MAX_CONSECUTIVE, NonFiniteGuard
 from mtnlg.training.schedules import BatchRampup, LRSchedule
+from mtnlg.training.signals import ExitSignalHandler
 
 
 @dataclass
@@ -49,8 +51,10 @@ class LoopConfig:
     eval_iters: int = 10
     save: str | None = None
     save_interval: int | None = None
+    keep_last: int | None = None
     exit_interval: int | None = None
     progress_bar: bool = True
+    max_consecutive_nonfinite: int = DEFAULT_MAX_CONSECUTIVE
 
 
 def _is_pipe(engine) -> bool:
@@ -163,11 +167,14 @@ def train(
     logger: MetricsLogger | None = None,
     peak_tflops: float | None = None,
     eval_tasks: list | None = None,
+    exit_signal: ExitSignalHandler | None = None,
 ) -> Progress:
     """Run until ``loop.train_iters`` (or ``exit_interval``); returns the final progress.
 
     ``eval_tasks``: prepared zero-shot tasks (``mtnlg.evaluation.tasks``) run at every
-    ``eval_interval`` and logged as ``"tasks"`` records."""
+    ``eval_interval`` and logged as ``"tasks"`` records. ``exit_signal``
+    (``--exit-signal-handler``): once any rank has received the signal, every rank leaves the
+    loop after the same iteration and the checkpoint below is saved."""
     train_ds, valid_ds, _ = datasets
     rank0 = topo.rank == 0
     bar = None
@@ -192,10 +199,16 @@ def train(
                 progress.iteration,
                 {**meta, "progress": _progress_dict(progress)},
                 tokenizer,
+                keep_last=loop.keep_last,
             )
 
     losses = LossWindow()
+    say = bar.write if bar is not None else print
+    nonfinite = NonFiniteGuard(
+        engine, topo.rank, dist.get_world_size(), loop.max_consecutive_nonfinite, say
+    )
     loader = stage_loader(train_ds, loop.micro_batch, topo, engine.device)
+    signalled = False
     try:
         while progress.iteration < loop.train_iters:
             gb = ramp.global_batch_at(progress.consumed_samples)
@@ -206,7 +219,8 @@ def train(
                 group["lr"] = lr
             micro = loader.get(progress.consumed_samples, gb)
             _prefetch_next(loader, loop, ramp, progress, gb)
-            losses.add(progress.iteration + 1, step_loss(engine, topo, micro))
+            with nonfinite.step(progress.iteration + 1):  # skipped if non-finite anywhere
+                losses.add(progress.iteration + 1, step_loss(engine, topo, micro))
             progress.iteration += 1
             progress.consumed_samples += gb
             progress.consumed_tokens += gb * loop.seq_length
@@ -217,7 +231,7 @@ def train(
             if bar is not None:
                 bar.update(1)
             last = progress.iteration == loop.train_iters
-            if progress.iteration % loop.log_interval == 0 or last:
+            if progress.iteration % loop.log_interval == 0 or last or nonfinite.stopping:
                 progress.losses.extend(losses.read())  # the window's one host sync
                 loss = progress.losses[-1][1]
                 if bar is not None:
@@ -244,12 +258,16 @@ def train(
                 if logger is not None:
                     logger.log_train(progress.iteration, fields)
                 window_t, window_tokens, window_flops = time.perf_counter(), 0, 0.0
+            nonfinite.stop_if_due(progress.iteration)  # N in a row: exit non-zero, no save
             if valid_ds is not None and _eval_due(loop, progress.iteration):
                 _run_eval(engine, topo, valid_ds, loop, ramp, progress, logger, bar)
             if eval_tasks and _eval_due(loop, progress.iteration):
                 _run_eval_tasks(engine, topo, eval_tasks, loop, progress, logger, bar)
             if loop.save_interval and progress.iteration % loop.save_interval == 0:
                 save()
+            if exit_signal is not None and exit_signal.should_exit(engine.device):
+                signalled = True  # one tiny all-reduce per iteration, only with the flag
+                break
             if loop.exit_interval and progress.iteration >= loop.exit_interval:
                 break
     finally:
@@ -257,6 +275,9 @@ def train(
     progress.losses.extend(losses.read())  # an --exit-interval stop between log intervals
     if loop.save and not (loop.save_interval and progress.iteration % loop.save_interval == 0):
         save()
+    if signalled and rank0:
+        saved = f"checkpoint saved to {loop.save}" if loop.save else "nothing saved (no --save)"
+        say(f"exiting at iteration {progress.iteration} on {exit_signal.sig.name}: {saved}")
     if bar is not None:
         bar.close()
     return progress

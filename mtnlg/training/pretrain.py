@@ -13,12 +13,16 @@ from pathlib import Path
 import torch.distributed as dist
 
 from mtnlg.config import ModelConfig
-from mtnlg.distributed.init import init_distributed, shutdown
 from mtnlg.distributed.topology import ParallelConfigError, ParallelDims, Topology
 from mtnlg.evaluation.tasks import prepare_eval_tasks
 from mtnlg.tensor_parallel import skip_init
 from mtnlg.training import checkpointing
-from mtnlg.training.arguments import apply_kernel_flags, build_parser, model_config_from_args
+from mtnlg.training.arguments import (
+    add_exit_signal_args,
+    apply_kernel_flags,
+    build_parser,
+    model_config_from_args,
+)
 from mtnlg.training.data import build_datasets, check_data_path
 from mtnlg.training.loop import Progress, train
 from mtnlg.training.metrics import MetricsLogger
@@ -29,6 +33,7 @@ from mtnlg.training.setup import (
     check_zero_with_pipeline,
     resolve_ds_config,
 )
+from mtnlg.training.signals import ExitSignalHandler, training_session
 
 
 def _user_error(e: Exception) -> SystemExit:
@@ -82,16 +87,15 @@ def check_peak_tflops(args) -> None:
 
 
 def run(argv: list[str] | None = None, description: str = __doc__) -> Progress:
-    args = build_parser(description, sequence_parallel=True).parse_args(argv)
+    parser = build_parser(description, sequence_parallel=True)
+    add_exit_signal_args(parser)
+    args = parser.parse_args(argv)
     apply_kernel_flags(args)
-    init_distributed()
-    try:
-        return _run(args)
-    finally:
-        shutdown()
+    with training_session(args) as exit_signal:
+        return _run(args, exit_signal)
 
 
-def _run(args: argparse.Namespace) -> Progress:
+def _run(args: argparse.Namespace, exit_signal: ExitSignalHandler | None = None) -> Progress:
     try:
         tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
         model_cfg, tokenizer, saved = resolve_model_and_tokenizer(args)
@@ -132,7 +136,9 @@ def _run(args: argparse.Namespace) -> Progress:
         )
     progress = Progress()
     if saved is not None:
-        meta = checkpointing.load(engine, topo, args.load)
+        meta = checkpointing.load(
+            engine, topo, args.load, verify_hash=not args.no_verify_checkpoint_hash
+        )
         p = meta["progress"]
         progress = Progress(p["iteration"], p["consumed_samples"], p["consumed_tokens"])
         if topo.rank == 0:
@@ -159,6 +165,7 @@ def _run(args: argparse.Namespace) -> Progress:
             logger=logger,
             peak_tflops=args.peak_tflops,
             eval_tasks=eval_tasks,
+            exit_signal=exit_signal,
         )
     finally:
         logger.close()

@@ -56,8 +56,10 @@ def loop_config(args, batch: BatchSizes, seq_length: int, train_iters: int) -> L
         eval_iters=args.eval_iters,
         save=args.save,
         save_interval=args.save_interval,
+        keep_last=getattr(args, "keep_last", None),
         exit_interval=args.exit_interval,
         progress_bar=not args.no_progress,
+        max_consecutive_nonfinite=args.max_consecutive_nonfinite,
     )
 
 

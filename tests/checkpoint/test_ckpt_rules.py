@@ -113,6 +113,7 @@ def test_refusals(hf_dir, tmp_path):
     ck = tmp_path / "ck"
     hf_to_mtnlg(str(hf_dir), str(ck), tp=2, pp=2, make_vocab_size_divisible_by=8)
     tagdir = ck / "iter_0000000"
+    (tagdir / "mtnlg_manifest.json").unlink()  # the shards' own checks, beneath the manifest's
     with pytest.raises(CheckpointError, match="already exists"):
         hf_to_mtnlg(str(hf_dir), str(ck), tp=1, pp=1)
     with pytest.raises(
@@ -243,6 +244,8 @@ def test_cli_verify(hf_dir, tmp_path, capsys):
 
 def test_verify_names_a_corrupted_shard(hf_dir, tmp_path):
     """q and k of head 0 swapped in TP rank 1's file: the tensor and the logits exceed."""
+    from mtnlg.checkpoint.integrity import write_local_manifest
+
     ck = tmp_path / "ck"
     hf_to_mtnlg(str(hf_dir), str(ck), tp=2, pp=1, make_vocab_size_divisible_by=8)
     f = ck / "iter_0000000" / "mp_rank_01_model_states.pt"
@@ -250,6 +253,8 @@ def test_verify_names_a_corrupted_shard(hf_dir, tmp_path):
     qkv = sd["module"]["layers.1.attention.qkv.weight"]  # (3h/tp, h) = [q | k | v] of rank 1
     qkv[:16], qkv[32:48] = qkv[32:48].clone(), qkv[:16].clone()
     torch.save(sd, f)
+    # as if the converter had written it so (its manifest then lists these bytes)
+    write_local_manifest(f.parent, f.parent.name)
     report = verify("hf-to-mtnlg", str(hf_dir), str(ck), tolerance=float("inf"))
     assert report.tensor_name == "layers.1.attention.qkv.weight"
     assert report.tensor_diff > 0.05 and report.logit_diff > 1e-3

@@ -69,8 +69,16 @@ def test_tp1_matches_kl_div(mode, temperature):
     assert torch.isfinite(kl).all()
 
 
-@pytest.mark.parametrize("tp", [2, 4])
-@pytest.mark.parametrize("mode", ["forward-kl", "reverse-kl"])
+# TP4 forward-KL is slow only (TP4 reverse-KL and TP2 both modes stay in the default run)
+@pytest.mark.parametrize(
+    "tp,mode",
+    [
+        (2, "forward-kl"),
+        (2, "reverse-kl"),
+        pytest.param(4, "forward-kl", marks=pytest.mark.slow),
+        (4, "reverse-kl"),
+    ],
+)
 def test_tp_matches_tp1(tp, mode):
     temperature = 2.0
     ref_kl, ref_grad = _reference(temperature, mode)

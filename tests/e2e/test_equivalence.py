@@ -66,7 +66,8 @@ def test_pp2_dp2_with_accumulation(demo_prefix, reference, tmp_path):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("zero", [1, 2, 3])
+# ZeRO-2 shares ZeRO-1's optimizer class (DeepSpeedZeroOptimizer): slow only, for test time
+@pytest.mark.parametrize("zero", [1, pytest.param(2, marks=pytest.mark.slow), 3])
 def test_tp2_dp2_zero(demo_prefix, reference, tmp_path, zero):
     """Plain engine with TP and every ZeRO stage (ZeRO-3's checkpoint is not one the converter
     reads: losses and gradient norms only)."""
@@ -79,7 +80,8 @@ def test_tp2_dp2_zero(demo_prefix, reference, tmp_path, zero):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("tp,pp", [(2, 1), (2, 2)])
+# TP2xPP2 replays dropout through both the TP RNG tracker and the pipeline: TP2 alone is slow
+@pytest.mark.parametrize("tp,pp", [pytest.param(2, 1, marks=pytest.mark.slow), (2, 2)])
 def test_activation_checkpointing_replays_dropout(demo_prefix, reference, tmp_path, tp, pp):
     """Dropout 0.1: recomputing the blocks in backward replays their dropout masks (default and
     TP-tracker RNG streams), so the run is the one without activation checkpointing.

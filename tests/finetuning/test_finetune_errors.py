@@ -73,3 +73,22 @@ def test_help_lists_both_tasks_flags():
     assert proc.returncode == 0 and proc.stdout.startswith("usage:")
     for flag in ("--task", "--text-column", "--predict", "--prompt-key", "--export-hf", "--lr"):
         assert flag in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "flag,message",
+    [
+        (["--keep-last", "2"], "--keep-last is not supported by fine-tuning"),
+        (["--no-verify-checkpoint-hash"], "--no-verify-checkpoint-hash is not supported"),
+    ],
+)
+def test_pretraining_only_checkpoint_flags_are_refused(tmp_path, flag, message):
+    """Flags the shared parser offers but fine-tuning does not honour are refused, not ignored."""
+    from mtnlg.finetuning.arguments import build_finetune_parser, check_flags
+
+    train = tmp_path / "train.tsv"
+    train.write_text("\n".join(GOOD) + "\n")
+    argv = ["--task", "classification", "--train-data", str(train), "--train-iters", "2", *flag]
+    args = build_finetune_parser("t").parse_args(argv)
+    with pytest.raises(ValueError, match=message):
+        check_flags(args)
