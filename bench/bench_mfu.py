@@ -45,14 +45,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", default="gpt3-1.3b", help="model size (default gpt3-1.3b)")
     p.add_argument("--tiny", action="store_true", help="preset 'tiny', 4 iterations, batch 4")
-    p.add_argument("--iters", type=int, default=10, help="training iterations (default 10)")
-    p.add_argument("--skip", type=int, default=3, help="warm-up iterations left out (default 3)")
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--global-batch-size", type=int, default=16)
+    p.add_argument("--iters", type=int, default=7, help="training iterations (default 7)")
+    p.add_argument("--skip", type=int, default=2, help="warm-up iterations left out (default 2)")
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--global-batch-size", type=int, default=128)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--checkpoint-activations", action="store_true")
     p.add_argument("--peak-tflops", type=float, help="default: from the GPU's name (H100: 989)")
     p.add_argument("--no-breakdown", action="store_true", help="no DeepSpeed timers")
+    p.add_argument(
+        "--fused-adam",
+        action="store_true",
+        help="DeepSpeed's FusedAdam (JIT-compiled CUDA extension) instead of torch's AdamW",
+    )
     p.add_argument("--work", help="folder for data and metrics (default: a temporary one)")
     p.add_argument("--out", help="write the JSON here too")
     args = p.parse_args(argv)
@@ -71,7 +76,10 @@ def device_peak(args) -> tuple[str, float | None]:
     acc = get_accelerator()
     if acc.device_name() == "cpu":
         return "cpu", args.peak_tflops
-    name = acc.get_device_name(0) if hasattr(acc, "get_device_name") else acc.device_name()
+    import torch
+
+    backend = getattr(torch, acc.device_name(), None)  # torch.cuda, torch.xpu, ...
+    name = backend.get_device_name(0) if hasattr(backend, "get_device_name") else acc.device_name()
     peak = args.peak_tflops
     if peak is None:
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in str(name)), None)
@@ -82,6 +90,8 @@ def pretrain_argv(args, prefix: str, work: Path, peak: float | None) -> list[str
     from bench.bench_pretrain import GPT2_MERGES, GPT2_VOCAB, SEED, SPLIT
 
     ds = {"zero_optimization": {"stage": 1}, "wall_clock_breakdown": not args.no_breakdown}
+    if not args.fused_adam:
+        ds["optimizer"] = {"type": "AdamW", "params": {"torch_adam": True}}
     (work / "ds_config.json").write_text(json.dumps(ds))
     argv = [
         "--preset", args.preset, "--micro-batch-size", str(args.micro_batch_size),
@@ -150,6 +160,7 @@ def summarise(args, device: str, peak, rows: list[dict], timers: list[dict]) -> 
         "device": device,
         "precision": args.precision,
         "zero_stage": 1,
+        "optimizer": "DeepSpeed FusedAdam" if args.fused_adam else "torch AdamW",
         "micro_batch_size": args.micro_batch_size,
         "global_batch_size": args.global_batch_size,
         "tokens_per_iteration": batch_tokens,
@@ -162,7 +173,18 @@ def summarise(args, device: str, peak, rows: list[dict], timers: list[dict]) -> 
         "iteration_s": batch_tokens / tokens if tokens else None,
         "breakdown_ms": breakdown or None,
         "final_loss": rows[-1]["loss"],
+        "peak_memory_gib": peak_memory_gib(),
     }
+
+
+def peak_memory_gib() -> float | None:
+    """The accelerator's peak allocated memory in this process (None on the CPU)."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        return None
+    return acc.max_memory_allocated() / 2**30
 
 
 def main(argv=None) -> dict:

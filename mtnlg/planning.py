@@ -7,7 +7,8 @@ Conventions (the same as ``mtnlg.model.pipe``):
   ``partition_balanced`` over the layer specs ``[embed, block x L, final_norm, embed(tied)]``
   with weight 1 per block (ported below so no DeepSpeed import is needed).
 * The tied ``GPTEmbedding`` (padded word table, sharded over TP, plus the replicated position
-  table) is built on the first AND the last stage; with one stage it is built once. Untied
+  table) is built on the first stage, its word table alone (what the tied head uses) again on
+  the last; with one stage the embedding is built once. Untied
   (``--untie-embeddings-and-output-weights``): the embedding on the first stage only and a
   separate vocab-parallel ``OutputLayer`` (V x h, no bias) on the last.
 * Llama-style options change the counts as the model builds them: RoPE has no position table,
@@ -175,6 +176,7 @@ def _sharded_replicated(cfg: ModelConfig, tp: int) -> dict[str, tuple[int, int]]
     return {
         "block": (block_sharded, block_replicated),
         "embed": (vocab, positions),
+        "head": (vocab, 0),  # the tied embedding's word table on the last stage
         "norm": (0, norm),
         "output": (vocab, 0),
     }
@@ -183,21 +185,21 @@ def _sharded_replicated(cfg: ModelConfig, tp: int) -> dict[str, tuple[int, int]]
 def stage_params(cfg: ModelConfig, tp: int, pp: int) -> list[StageParams]:
     """Per-stage parameter counts with ``type:TransformerBlock`` partitioning."""
     L = cfg.num_layers
-    kinds = ["embed"] + ["block"] * L + ["norm", "embed" if cfg.tied else "output"]
+    kinds = ["embed"] + ["block"] * L + ["norm", "head" if cfg.tied else "output"]
     parts = partition_balanced([int(k == "block") for k in kinds], pp)
     counts = _sharded_replicated(cfg, tp)
     out = []
     for s in range(pp):
         held = kinds[parts[s] : parts[s + 1]]
-        if held.count("embed") == 2:  # one stage: DeepSpeed builds a tied key once per stage
-            held.remove("embed")
+        if "embed" in held and "head" in held:  # one stage: a tied key is built once per stage
+            held.remove("head")
         sharded = sum(counts[k][0] for k in held)
         replicated = sum(counts[k][1] for k in held)
         out.append(
             StageParams(
                 stage=s,
                 layers=held.count("block"),
-                has_embedding="embed" in held,
+                has_embedding="embed" in held or "head" in held,
                 has_final_norm="norm" in held,
                 params_per_rank=sharded // tp + replicated,
                 params_unique=sharded + replicated,

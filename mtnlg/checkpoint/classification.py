@@ -22,7 +22,6 @@ from mtnlg.checkpoint.deepspeed_layout import (
     engine_name,
     layer_file,
     model_file,
-    safe_load,
 )
 from mtnlg.checkpoint.rules import CheckpointError
 from mtnlg.config import ModelConfig
@@ -57,10 +56,10 @@ class ClassifierCheckpoint(DSCheckpoint):
         for r in range(self.tp):
             if self.pp == 1:
                 path = model_file(self.dir, r)
-                sd = safe_load(path).get("module") or {}
+                sd = self.read(path).get("module") or {}
             else:
                 path = layer_file(self.dir, self.cfg.num_layers + 2, r)
-                sd = safe_load(path)
+                sd = self.read(path)
             if HEAD not in sd:
                 raise CheckpointError(f"{path}: no {HEAD} (classification head)")
             parts.append(sd[HEAD].float().clone())
@@ -104,6 +103,7 @@ def export_classifier(
     from mtnlg.checkpoint.convert import atomic_output, drop_optimizer_state
 
     ckpt = ClassifierCheckpoint(input, tag)
+    ckpt.verify_all()  # every file's SHA-256 before anything is written
     drop_optimizer_state(ckpt, weights_only, "a Hugging Face folder cannot hold")
     with atomic_output(output) as tmp:
         export_hf_classifier(

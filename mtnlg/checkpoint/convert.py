@@ -82,6 +82,7 @@ def mtnlg_to_hf(
     if is_classifier(input, tag):  # finetune.py's classifiers: GPT2ForSequenceClassification
         return export_classifier(input, output, tag, dtype, weights_only)
     ckpt = DSCheckpoint(input, tag)
+    ckpt.verify_all()  # every file's SHA-256 before anything is written
     drop_optimizer_state(ckpt, weights_only, "a Hugging Face folder cannot hold")
     cfg, tokenizer = ckpt.cfg, ckpt.tokenizer()
     with atomic_output(output) as tmp:
@@ -166,6 +167,7 @@ def reshard(
     is about one target stage's optimizer state, not the model's. Every tensor keeps its saved
     dtype (bf16 weights stay bf16; fp32 masters and moments stay fp32)."""
     ckpt = DSCheckpoint(input, tag)
+    ckpt.verify_all()  # every file's SHA-256 before anything is written
     cfg = ckpt.cfg
     check_layout(cfg, tp, pp)
     dp = dp or ckpt.dp

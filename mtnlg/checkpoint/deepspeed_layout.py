@@ -16,6 +16,12 @@ ZeRO keeps, per stage and TP rank, two flat fp32 groups (weight decay: 2-D param
 decay: the rest), parameters concatenated in module order, padded to a multiple of 2 x DP and
 cut into DP equal partitions. Everything we read is loaded with ``weights_only=True`` and
 ``mmap=True`` (only the bytes of the layer being converted are paged in).
+
+Integrity (``integrity.py``): opening a checkpoint checks that every file its manifest lists is
+there with its size; each file's SHA-256 is checked the first time :meth:`DSCheckpoint.read`
+reads it (once per process), so a reader hashes what it reads: one pipeline stage's files for
+an inference rank, not the checkpoint. :meth:`DSCheckpoint.verify_all` hashes every file (the
+converter, before it writes anything).
 """
 
 from __future__ import annotations
@@ -86,8 +92,12 @@ def engine_name(name: str, cfg: ModelConfig, pp: int) -> str:
     return f"{rules.pipe_index(g, cfg)}.{rules.to_local(name)}"
 
 
-def stage_param_order(cfg: ModelConfig, pp: int, stage: int, bounds: list[int]) -> list[str]:
-    """GPTModel names of a stage's parameters in the engine's registration order."""
+def stage_param_order(
+    cfg: ModelConfig, pp: int, stage: int, bounds: list[int], legacy_head: bool = False
+) -> list[str]:
+    """GPTModel names of a stage's parameters in the engine's registration order. The last
+    stage's tied embedding is its word table only (``GPTEmbedding(head_only=True)``);
+    ``legacy_head``: the whole embedding, as checkpoints saved before that change hold it."""
     names = rules.expected_names(cfg)
     if pp == 1:
         return names
@@ -95,6 +105,8 @@ def stage_param_order(cfg: ModelConfig, pp: int, stage: int, bounds: list[int]) 
     if not cfg.tied:
         return held  # no tied modules: pipeline index order
     emb = [n for n in held if rules.group_of(n) == "embedding"]  # tied modules come first
+    if stage > 0 and not legacy_head:
+        emb = [n for n in emb if n == rules.WORD_EMBEDDINGS]
     return emb + [n for n in held if rules.group_of(n) != "embedding"]
 
 
@@ -139,7 +151,8 @@ class DSCheckpoint:
 
     def __init__(self, path: str | Path, tag: str | None = None):
         self.dir = resolve_dir(path, tag)
-        integrity.verify(self.dir)  # sizes and SHA-256 against the manifest saved with it
+        self._integrity = integrity.Verifier(self.dir)  # presence and sizes of every file
+        self._integrity.check(self.dir / META)
         self.meta = json.loads((self.dir / META).read_text())
         self.cfg = ModelConfig.from_dict(self.meta["model"])
         par = self.meta["parallel"]
@@ -147,6 +160,17 @@ class DSCheckpoint:
         self.bounds = stage_bounds(self.cfg, self.pp)
         self._check_files()
         self.optim_prefix = zero_state.find_prefix(self.dir)
+
+    def read(self, path: Path) -> Any:
+        """:func:`safe_load` of one of the checkpoint's files, its SHA-256 checked against the
+        manifest first (the first time this process reads it): IntegrityError naming it."""
+        self._integrity.check(path)
+        return safe_load(path)
+
+    def verify_all(self) -> None:
+        """Check every file's SHA-256 now (IntegrityError naming the first bad file), for
+        readers that must refuse a damaged checkpoint before doing anything."""
+        self._integrity.check_all()
 
     @property
     def has_optimizer(self) -> bool:
@@ -157,7 +181,7 @@ class DSCheckpoint:
         """A description of optimizer state that this module cannot carry, or None."""
         if self.meta.get("weights_only") or self.has_optimizer:
             return None
-        if safe_load(model_file(self.dir, 0)).get("optimizer") is not None:
+        if self.read(model_file(self.dir, 0)).get("optimizer") is not None:
             return "optimizer state inside the model files (ZeRO stage 0)"
         if any(self.dir.glob("*optim_states.pt")):
             return "optimizer files in a layout other than ZeRO-1/2"
@@ -167,10 +191,10 @@ class DSCheckpoint:
     def weights_dtype(self) -> torch.dtype:
         """dtype of the saved weights (bf16 in bf16 runs)."""
         if self.pp == 1:
-            module = safe_load(model_file(self.dir, 0)).get("module") or {}
+            module = self.read(model_file(self.dir, 0)).get("module") or {}
             tensors = list(module.values())
         else:
-            tensors = list(safe_load(layer_file(self.dir, 1, 0)).values())
+            tensors = list(self.read(layer_file(self.dir, 1, 0)).values())
         return tensors[0].dtype if tensors else torch.float32
 
     def _expected_files(self) -> set[str]:
@@ -200,7 +224,12 @@ class DSCheckpoint:
         from mtnlg.data.tokenizer import load_tokenizer
 
         tok = self.dir / "tokenizer"
-        return load_tokenizer(tok) if tok.is_dir() else None
+        if not tok.is_dir():
+            return None
+        for f in sorted(tok.rglob("*")):
+            if f.is_file():
+                self._integrity.check(f)
+        return load_tokenizer(tok)
 
     def shards(self, group: str, keep_dtype: bool = False) -> list[dict[str, Tensor]]:
         """Every TP rank's tensors of ``group`` (GPTModel names), copied out of the mmap: fp32,
@@ -210,7 +239,7 @@ class DSCheckpoint:
         for r in range(self.tp):
             if self.pp == 1:
                 path = model_file(self.dir, r)
-                module = safe_load(path).get("module")
+                module = self.read(path).get("module")
                 if not isinstance(module, dict):
                     raise CheckpointError(f"{path}: no 'module' state dict")
                 unknown = [k for k in module if rules.group_of(k) not in self._groups]
@@ -219,7 +248,7 @@ class DSCheckpoint:
                 local = {k: module[k] for k in names if k in module}
             else:
                 path = layer_file(self.dir, rules.pipe_index(group, self.cfg), r)
-                sd = safe_load(path)
+                sd = self.read(path)
                 local = {f"{group}.{k}": v for k, v in sd.items()}
                 unknown = sorted(set(local) - set(names))
                 if unknown:
@@ -278,11 +307,16 @@ class DSCheckpoint:
         order = stage_param_order(self.cfg, self.pp, stage, self.bounds)
         names = set(rules.group_names(group, self.cfg))
         mp = stage * self.tp + r
-        shapes = safe_load(model_file(self.dir, mp))["param_shapes"]
+        shapes = self.read(model_file(self.dir, mp))["param_shapes"]
 
         def load(d: int) -> dict:
-            return safe_load(optim_file(self.dir, d, mp, self.optim_prefix))["optimizer_state_dict"]
+            return self.read(optim_file(self.dir, d, mp, self.optim_prefix))["optimizer_state_dict"]
 
+        want = [
+            [engine_name(n, self.cfg, self.pp) for n in g] for g in zero_groups(self.cfg, order)
+        ]
+        if [list(s) for s in shapes] != want:  # saved with the whole embedding as the head?
+            order = stage_param_order(self.cfg, self.pp, stage, self.bounds, legacy_head=True)
         reader = zero_state.FlatReader(load, self.dp, str(self.dir))
         got: dict[str, dict[str, Tensor]] = {k: {} for k in OPT_KEYS}
         for g, gnames in enumerate(zero_groups(self.cfg, order)):
@@ -305,7 +339,7 @@ class DSCheckpoint:
     def optimizer_common(self) -> dict[str, Any]:
         """Rank 0's optimizer file less its partitioned tensors (step, hyper-parameters, loss
         scaler, format), plus the file prefix and top-level entries."""
-        sd = safe_load(optim_file(self.dir, 0, 0, self.optim_prefix))
+        sd = self.read(optim_file(self.dir, 0, 0, self.optim_prefix))
         return {
             "prefix": self.optim_prefix,
             "template": zero_state.template(sd["optimizer_state_dict"]),
@@ -313,7 +347,7 @@ class DSCheckpoint:
         }
 
     def engine_state(self) -> dict[str, Any]:
-        sd = safe_load(model_file(self.dir, 0))
+        sd = self.read(model_file(self.dir, 0))
         keep = ("global_steps", "global_samples", "skipped_steps", "ds_config", "ds_version")
         return {k: sd.get(k) for k in keep}
 
@@ -452,7 +486,7 @@ class DSWriter:
         """Whether a stage other than ``stage`` and not written yet holds ``name`` (the tied
         embedding: the last stage)."""
         stages = stage_of(rules.group_of(name), self.cfg, self.bounds)
-        return any(s != stage and s not in self.written for s in stages)
+        return any(s != stage and s not in self.written and name in self.orders[s] for s in stages)
 
     def _partition(self, r: int, names: list[str], lo: int, hi: int, keep: set[str]):
         """Flat elements ``[lo, hi)`` of ``names``' states on TP rank ``r`` (zero past the end),

@@ -24,6 +24,7 @@ of the file (step, hyper-parameters, loss scaler) is the same on every DP rank: 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -193,11 +194,62 @@ def build_osd(
     return osd
 
 
+@dataclass(frozen=True)
+class Remap:
+    """Where a flat group's elements lie in a saved flat group that also held parameters the
+    model no longer has (``dropped``): ``runs`` of (start here, start saved, numel)."""
+
+    saved_total: int
+    runs: tuple[tuple[int, int, int], ...]
+    dropped: tuple[str, ...]
+
+    def read(self, reader: FlatReader, g: int, start: int, numel: int) -> dict[str, Tensor]:
+        """Elements ``[start, start + numel)`` of group ``g`` in this (smaller) layout."""
+        pieces: dict[str, list[Tensor]] = {k: [] for k in KINDS}
+        for here, saved, n in self.runs:
+            lo, hi = max(start, here), min(start + numel, here + n)
+            if lo < hi:
+                got = reader.read(g, self.saved_total, saved + lo - here, hi - lo)
+                for k in KINDS:
+                    pieces[k].append(got[k])
+        return {k: torch.cat(p) if p else torch.zeros(0) for k, p in pieces.items()}
+
+
+def remap(saved: list[tuple[str, int]], current: list[tuple[str, int]], where: str) -> Remap | None:
+    """How ``current`` (a group's (name, numel) in flat order) lies in ``saved``: None when they
+    are equal, a ``Remap`` when ``current`` is ``saved`` less some parameters; else an error."""
+    if saved == current:
+        return None
+    runs: list[tuple[int, int, int]] = []
+    dropped, here, off, i = [], 0, 0, 0
+    for name, n in saved:
+        if i < len(current) and current[i] == (name, n):
+            if runs and runs[-1][0] + runs[-1][2] == here and runs[-1][1] + runs[-1][2] == off:
+                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + n)
+            else:
+                runs.append((here, off, n))
+            here, i = here + n, i + 1
+        else:
+            dropped.append(name)
+        off += n
+    if i < len(current):
+        name, n = current[i]
+        raise CheckpointError(
+            f"{where}: the saved optimizer group has no {name} ({n} elements) in this order"
+        )
+    return Remap(off, tuple(runs), tuple(dropped))
+
+
 def rank_partition(
-    reader: FlatReader, g: int, total: int, dp: int, dp_rank: int
+    reader: FlatReader, g: int, total: int, dp: int, dp_rank: int, layout: Remap | None = None
 ) -> dict[str, Tensor]:
-    """DP rank ``dp_rank``'s partition (of ``dp``) of group ``g``, zero-padded, from ``reader``."""
+    """DP rank ``dp_rank``'s partition (of ``dp``) of group ``g``, zero-padded, from ``reader``
+    (through ``layout`` when the saved group held more parameters)."""
     part = partition_numel(total, dp)
     start = dp_rank * part
-    got = reader.read(g, total, start, max(0, min(part, total - start)))
+    numel = max(0, min(part, total - start))
+    if layout is None:
+        got = reader.read(g, total, start, numel)
+    else:
+        got = layout.read(reader, g, start, numel)
     return {k: torch.cat([v, v.new_zeros(part - v.numel())]) for k, v in got.items()}

@@ -8,7 +8,8 @@ weight. Parameter names are ``GPTModel``'s (``layers.3.ln_1.weight``, ``output_l
 Weights come from, in order of preference:
 
 * an mtnlg checkpoint saved at this very TP x PP: only this rank's own files are read
-  (``torch.load(weights_only=True, mmap=True)``);
+  (``torch.load(weights_only=True, mmap=True)``), and only they are hashed against the
+  checkpoint's manifest (every file's presence and size is checked);
 * an mtnlg checkpoint at another layout: each of the stage's layer groups is merged from all
   saved TP shards and re-cut for this rank (``mtnlg.checkpoint`` rules);
 * a Hugging Face folder (``config.json``: GPT-2, Llama, Mistral, Qwen2): through the
@@ -70,12 +71,12 @@ class StageModel(nn.Module):
 
 def _own_files_state(ckpt, groups: list[str], tp_rank: int, stage: int) -> dict:
     """This rank's tensors read straight from its own DeepSpeed files (same TP x PP)."""
-    from mtnlg.checkpoint.deepspeed_layout import layer_file, model_file, safe_load
+    from mtnlg.checkpoint.deepspeed_layout import layer_file, model_file
 
     state = {}
     if ckpt.pp == 1:
         path = model_file(ckpt.dir, stage * ckpt.tp + tp_rank)
-        module = safe_load(path).get("module")
+        module = ckpt.read(path).get("module")
         if not isinstance(module, dict):
             raise CheckpointError(f"{path}: no 'module' state dict")
         for g in groups:
@@ -86,7 +87,7 @@ def _own_files_state(ckpt, groups: list[str], tp_rank: int, stage: int) -> dict:
         return state
     for g in groups:
         path = layer_file(ckpt.dir, rules.pipe_index(g, ckpt.cfg), tp_rank)
-        local = safe_load(path)
+        local = ckpt.read(path)
         for n in rules.group_names(g, ckpt.cfg):
             key = rules.to_local(n)
             if key not in local:
@@ -115,9 +116,21 @@ def load_stage(
         _check_layout(cfg, tp, pp, path)
         model = stage_from_full(cfg, full, tp_group=tp_group, stage=stage, pp=pp)
         return cfg, model.to(device=device, dtype=dtype), tokenizer
+    from mtnlg.checkpoint.integrity import IntegrityError
+
+    try:
+        cfg, model, tokenizer = _mtnlg_stage(path, tp_group, tp, tp_rank, stage, pp)
+    except IntegrityError as e:  # a bad hash: seen only by the ranks that read the file
+        raise SystemExit(f"error: --load {path}: {e}") from None
+    return cfg, model.to(device=device, dtype=dtype), tokenizer
+
+
+def _mtnlg_stage(path: str | Path, tp_group, tp: int, tp_rank: int, stage: int, pp: int):
+    """(config, fp32 ``StageModel``, tokenizer) from an mtnlg checkpoint: every file's presence
+    and size checked, and the SHA-256 of each file read (this stage's, at the same TP x PP)."""
     from mtnlg.checkpoint.deepspeed_layout import DSCheckpoint
 
-    ckpt = DSCheckpoint(p)
+    ckpt = DSCheckpoint(path)
     cfg, tokenizer = ckpt.cfg, ckpt.tokenizer()
     _check_layout(cfg, tp, pp, path)
     model = _empty_stage(cfg, tp_group, stage, pp)
@@ -128,7 +141,7 @@ def load_stage(
         for g in model.groups():
             state.update(rules.shard_dict(ckpt.full_group(g), cfg, tp, tp_rank))
     _load(model, state)
-    return cfg, model.to(device=device, dtype=dtype), tokenizer
+    return cfg, model, tokenizer
 
 
 def stage_from_full(

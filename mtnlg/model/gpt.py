@@ -61,24 +61,39 @@ class GPTModel(nn.Module):
     come from the config; the layer order and per-layer seeds stay those of the pipeline form.
     """
 
-    def __init__(self, cfg: ModelConfig, tp_group=None, seed: int = 1234):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tp_group=None,
+        seed: int = 1234,
+        on_layer: Callable[[nn.Module], None] | None = None,
+    ):
+        """``on_layer(layer)`` runs on each layer as soon as it is built and drawn, before the
+        next one is (ZeRO-3 partitions it over data parallelism there: the rank never holds
+        more than its partition of the built layers plus the one being built)."""
         super().__init__()
         self.cfg = cfg
         self.tp_group = tp_group
+
+        def done(layer: nn.Module) -> nn.Module:
+            if on_layer is not None:
+                on_layer(layer)
+            return layer
+
         # Layer index i is seeded with seed + i, exactly as PipelineModule(seed_layers=True).
         seed_everything(seed + 0)
-        self.embedding = GPTEmbedding(cfg, tp_group)
+        self.embedding = done(GPTEmbedding(cfg, tp_group))
         blocks = []
         for i in range(cfg.num_layers):
             seed_everything(seed + 1 + i)
-            blocks.append(TransformerBlock(cfg, tp_group))
+            blocks.append(done(TransformerBlock(cfg, tp_group)))
         self.layers = nn.ModuleList(blocks)
         seed_everything(seed + 1 + cfg.num_layers)
-        self.final_norm = FinalLayerNorm(cfg, tp_group)
+        self.final_norm = done(FinalLayerNorm(cfg, tp_group))
         self.output_layer = None
         if not cfg.tied:  # pipeline index L + 2
             seed_everything(seed + 2 + cfg.num_layers)
-            self.output_layer = OutputLayer(cfg, tp_group)
+            self.output_layer = done(OutputLayer(cfg, tp_group))
         self.loss_fn = GPTLoss(tp_group, cfg.vocab_size)
         self.checkpoint_fn: Callable | None = None
         """Set to an activation-checkpoint function (e.g. deepspeed.checkpointing.checkpoint)."""

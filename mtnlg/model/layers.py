@@ -120,12 +120,17 @@ class GPTEmbedding(_VocabHead, nn.Module):
     With RoPE (``--position-embedding-type rope``) there is no position table: positions enter
     in the attention. When the output layer is tied (GPT-2, MT-NLG), ``lm_logits`` multiplies
     by the same word-embedding matrix, producing this rank's vocabulary shard of the logits.
+
+    ``head_only=True`` builds only what ``lm_logits`` uses, the word embeddings: the tied copy
+    on the last pipeline stage, which never embeds tokens (no position table, no dropout; its
+    ``forward`` refuses).
     """
 
-    def __init__(self, cfg: ModelConfig, tp_group=None):
+    def __init__(self, cfg: ModelConfig, tp_group=None, head_only: bool = False):
         super().__init__()
         tp = _group_size(tp_group)
         self.tp_group = tp_group
+        self.head_only = head_only
         self.word_embeddings = VocabParallelEmbedding(
             cfg.padded_vocab_size(tp), cfg.hidden_size, tp_group=tp_group,
             init_method=_vocab_init(cfg),
@@ -133,6 +138,9 @@ class GPTEmbedding(_VocabHead, nn.Module):
         self._set_padding(cfg, tp_group)
         self.sequence_parallel = _sequence_parallel(cfg, tp_group)
         self.position_embeddings = None
+        self.dropout = None
+        if head_only:
+            return
         if not cfg.use_rope:
             self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
             normal_init(cfg.init_method_std)(self.position_embeddings.weight)
@@ -143,6 +151,8 @@ class GPTEmbedding(_VocabHead, nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None):
         # input_ids: (b, s) int64, positions (b, s) or None (0..s-1) -> (b, s, h)
+        if self.head_only:
+            raise RuntimeError("GPTEmbedding(head_only=True) only computes lm_logits")
         x = self.word_embeddings(input_ids)
         if self.position_embeddings is not None:
             if positions is None:

@@ -2,8 +2,11 @@
 
 Index 0 is the embedding, 1..L the transformer blocks, L+1 the final LayerNorm and L+2 the
 output layer. The embedding is a ``TiedLayerSpec("embed")`` used twice: on the first stage as the
-input embedding and on the last as the output projection, DeepSpeed keeping both copies equal
-(it broadcasts at start and all-reduces their gradients). Stages are cut by counting
+input embedding and on the last as the output projection, DeepSpeed keeping the two copies of
+``word_embeddings.weight`` equal (it broadcasts at start and all-reduces their gradients). A
+stage builds a tied key from the first of its specs that names it, so the last stage (PP > 1)
+builds the head-only spec: the word embeddings without the position table it never reads; one
+stage (PP = 1) builds the full embedding once and uses it both ways. Stages are cut by counting
 ``TransformerBlock`` specs. Between stages only the hidden state (b, s, h) travels.
 """
 
@@ -49,6 +52,7 @@ def gpt_layer_specs(cfg: ModelConfig, tp_group=None) -> list:
             GPTEmbedding,
             cfg,
             tp_group,
+            head_only=True,  # built only where index 0 is not (the last stage, PP > 1)
             forward_fn=_lm_head,
             tied_weight_attr="word_embeddings.weight",
         )

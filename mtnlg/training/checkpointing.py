@@ -229,6 +229,11 @@ def load(
     its (TP, PP) coordinates and DP rank ``dp_rank % saved_dp``. With dropout, masks still differ
     from an uninterrupted run at the old DP: each rank now draws for ``global / (micro x DP)``
     micro-batches per step instead of the old count.
+
+    **Older layouts**: checkpoints saved before the last stage's tied head built the word table
+    alone (``GPTEmbedding(head_only=True)``) hold that stage's unused position table in their
+    ZeRO-1/2 (or BF16_Optimizer) groups; the optimizer state is then read around it (logged on
+    rank 0). Without ZeRO such state is refused (way out: a ``--weights-only`` reshard).
     """
     import torch.distributed as dist
 
@@ -251,7 +256,20 @@ def load(
         # hf-to-mtnlg or a reshard without optimizer state: weights only, fresh optimizer/RNG
         load_optimizer = False
     saved_dp = saved.get("dp", topo.dp)
+    # optimizer groups saved with other parameters (the last stage's tied head before it dropped
+    # the position table): decided by all ranks together, loaded through our reader
+    relayout = load_optimizer and topo.pp > 1 and any(_gather(_saved_groups_differ(engine, d)))
+    if relayout and not (_group_layout(engine) and engine.zero_optimization_stage() <= 2):
+        raise SystemExit(
+            f"error: --load {load_dir}: the optimizer state of {d} holds parameters this model "
+            "no longer has (the tied head's position table, saved by an older mtnlg); without "
+            "ZeRO-1/2 it cannot be cut down: write a weights-only copy with "
+            "`checkpoint_tools/convert_checkpoint.py reshard --weights-only`"
+            if topo.rank == 0
+            else 1
+        )
     elastic = load_optimizer and saved_dp != topo.dp and engine.zero_optimization()
+    elastic = elastic or relayout
     path, _ = engine.load_checkpoint(
         load_dir,
         tag=tag,
@@ -262,7 +280,14 @@ def load(
     if path is None:
         raise SystemExit(f"error: --load {load_dir}: DeepSpeed could not load tag {tag}")
     if elastic:
-        load_optimizer_at_dp(engine, Path(load_dir) / tag, saved_dp)
+        dropped = load_optimizer_at_dp(engine, Path(load_dir) / tag, saved_dp)
+        dropped = sorted({n for names in _gather(dropped) for n in names})
+        if dropped and topo.rank == 0:
+            print(
+                f"[mtnlg] --load {d}: dropped the saved optimizer state of {dropped} (the last "
+                "stage's tied head before it built the word table alone): not in this model",
+                flush=True,
+            )
     if load_optimizer:
         src = ParallelDims(world_size=topo.tp * topo.pp * saved_dp, tp=topo.tp, pp=topo.pp)
         src_rank = src.rank(pp=topo.pp_rank, dp=topo.dp_rank % saved_dp, tp=topo.tp_rank)
@@ -272,11 +297,56 @@ def load(
     return meta
 
 
-def load_optimizer_at_dp(engine, ckpt_dir: Path, saved_dp: int) -> None:
+def _group_layout(engine) -> list[list[tuple[str, int]]]:
+    """(engine name, numel) of each ZeRO optimizer group's parameters, in flat order (the groups
+    DeepSpeed's ``param_shapes`` are written from)."""
+    opt = engine.optimizer
+    groups = [getattr(opt, a, None) for a in ("round_robin_bit16_groups", "bf16_groups")]
+    groups = groups[0] or groups[1] or getattr(opt, "bit16_groups", None) or []
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    return [[(names[id(p)], p.numel()) for p in g] for g in groups]
+
+
+def _saved_layout(ckpt_dir: Path, mp: int) -> list[list[tuple[str, int]]] | None:
+    """(engine name, numel) of each saved optimizer group, from DeepSpeed's ``param_shapes``
+    (None: no ZeRO state in ``mp``'s model file)."""
+    from mtnlg.checkpoint.deepspeed_layout import model_file, safe_load
+
+    shapes = safe_load(model_file(ckpt_dir, mp)).get("param_shapes")
+    if not shapes:
+        return None
+    return [[(n, int(torch.Size(s).numel())) for n, s in g.items()] for g in shapes]
+
+
+def _saved_groups_differ(engine, ckpt_dir: Path) -> bool:
+    """Whether this rank's saved optimizer groups hold other parameters than the engine's.
+    ZeRO (DeepSpeed's ``param_shapes``): by name; else by the number of parameters per group."""
+    mp = engine.checkpoint_mp_rank
+    saved = _saved_layout(ckpt_dir, mp)
+    if saved is not None:
+        return saved != _group_layout(engine)
+    from mtnlg.checkpoint.deepspeed_layout import model_file, safe_load
+
+    osd = safe_load(model_file(ckpt_dir, mp)).get("optimizer") or {}
+    groups = osd.get("param_groups") or (osd.get("optimizer_state_dict") or {}).get("param_groups")
+    if not groups:
+        return False
+    here = [len(g["params"]) for g in engine.optimizer.param_groups]
+    return [len(g["params"]) for g in groups] != here
+
+
+# Saved parameters a newer model no longer has, which a load may drop from the optimizer state:
+# the position table of the last stage's tied head (GPTEmbedding(head_only=True) since then).
+DROPPABLE = ("tied_modules.embed.position_embeddings.weight",)
+
+
+def load_optimizer_at_dp(engine, ckpt_dir: Path, saved_dp: int) -> list[str]:
     """Fill this rank's ZeRO-1/2 optimizer partition from state saved at ``saved_dp`` DP ranks.
 
     Works for both of DeepSpeed's formats (``DeepSpeedZeroOptimizer``, ``BF16_Optimizer``); the
     partitions are handed to the optimizer's own ``load_state_dict`` as if saved at this DP.
+    Saved groups holding parameters the model no longer has (``DROPPABLE`` only) are read
+    around them; returns the names so dropped.
     """
     import torch.distributed as dist
 
@@ -311,7 +381,10 @@ def load_optimizer_at_dp(engine, ckpt_dir: Path, saved_dp: int) -> None:
     try:
         reader = zs.FlatReader(load_osd, saved_dp, str(ckpt_dir))
         totals = [sum(p.numel() for p in group) for group in groups]
-        parts = [zs.rank_partition(reader, g, t, dp, rank) for g, t in enumerate(totals)]
+        layouts = _remaps(engine, ckpt_dir, mp)
+        parts = [
+            zs.rank_partition(reader, g, t, dp, rank, layouts[g]) for g, t in enumerate(totals)
+        ]
         tmpl = zs.template(reader.osd((reader.opened or [0])[0]))
     except CheckpointError as e:
         raise SystemExit(f"error: --load {ckpt_dir.parent}: {e}") from None
@@ -323,3 +396,26 @@ def load_optimizer_at_dp(engine, ckpt_dir: Path, saved_dp: int) -> None:
         load_optimizer_states=True,
         load_from_fp32_weights=engine.zero_load_from_fp32_weights(),
     )
+    return [n for r in layouts if r is not None for n in r.dropped]
+
+
+def _remaps(engine, ckpt_dir: Path, mp: int) -> list:
+    """Per optimizer group, where its elements lie in the saved group (None: same layout)."""
+    from mtnlg.checkpoint import zero_state as zs
+    from mtnlg.checkpoint.rules import CheckpointError
+
+    current = _group_layout(engine)
+    saved = _saved_layout(ckpt_dir, mp)
+    if saved is None:
+        return [None] * len(current)
+    where = f"{ckpt_dir} (mp rank {mp})"
+    if len(saved) != len(current):
+        raise CheckpointError(f"{where}: {len(saved)} optimizer groups saved, {len(current)} here")
+    out = [zs.remap(a, b, where) for a, b in zip(saved, current)]
+    dropped = [n for r in out if r is not None for n in r.dropped]
+    if any(n not in DROPPABLE for n in dropped):
+        raise CheckpointError(
+            f"{where}: the saved optimizer state holds {dropped[:4]}, which this "
+            "model does not have"
+        )
+    return out

@@ -231,11 +231,14 @@ def batch_sizes(args, dims: ParallelDims) -> BatchSizes:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Megatron's grouping: no weight decay on biases and LayerNorm (1-D) parameters."""
+    """Megatron's grouping: no weight decay on biases and LayerNorm (1-D) parameters.
+
+    A ZeRO-3 partition (built under ``zero3_partitioner``) is an empty 1-D tensor locally: its
+    full shape is ``ds_shape``."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
+            (no_decay if len(getattr(p, "ds_shape", p.shape)) < 2 else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -269,18 +272,65 @@ def configure_activation_checkpointing(
     )
 
 
-def build_gpt(cfg: ModelConfig, topo: Topology, seed: int, checkpoint_activations: bool):
-    """``GPTPipe`` when PP > 1, else ``GPTModel`` (with DeepSpeed's activation checkpointing)."""
+def zero3_partitioner(topo: Topology, ds_config: dict):
+    """``on_layer`` for :class:`GPTModel` under ZeRO-3: each layer, once built and drawn (fp32,
+    exactly as without ZeRO-3), is cast to the engine's dtype and handed to
+    ``deepspeed.zero.Init(module=layer)`` over this rank's data-parallel group, which keeps
+    1/DP of every parameter and frees the rest before the next layer is built.
+
+    The cast is the one the engine would make (``_cast_module_mixed_precision``) and
+    ``zero.Init`` the conversion ZeRO-3 would run on the finished model, layer by layer in the
+    same parameter order: the partitions, and so the run, are those of building the whole model
+    first. Drawing inside the ``zero.Init`` context instead would draw the fp32 masters in the
+    config's dtype (its tensor constructors are patched) and run re-initialisations after a
+    submodule is already partitioned (e.g. the position table's), changing the weights.
+    """
+    import deepspeed
+
+    if ds_config.get("bf16", {}).get("enabled"):
+        dtype = torch.bfloat16
+    elif ds_config.get("fp16", {}).get("enabled"):
+        dtype = torch.half
+    else:
+        dtype = torch.float32
+
+    def partition(layer: torch.nn.Module) -> None:
+        for p in layer.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        deepspeed.zero.Init(
+            module=layer,
+            data_parallel_group=topo.get_data_parallel_group(),
+            config_dict_or_path=ds_config,
+            dtype=dtype,
+            mpu=topo,
+        )
+
+    return partition
+
+
+def build_gpt(
+    cfg: ModelConfig,
+    topo: Topology,
+    seed: int,
+    checkpoint_activations: bool,
+    *,
+    on_layer=None,
+):
+    """``GPTPipe`` when PP > 1, else ``GPTModel`` (with DeepSpeed's activation checkpointing);
+    ``on_layer`` (PP = 1 only, e.g. :func:`zero3_partitioner`) runs on each layer once built."""
     import deepspeed
 
     from mtnlg.model import GPTModel
     from mtnlg.model.pipe import GPTPipe
 
     if topo.pp > 1:
+        if on_layer is not None:
+            raise ValueError("build_gpt: on_layer is for the plain GPTModel (PP = 1) only")
         return GPTPipe(
             cfg, topo, seed=seed, activation_checkpoint_interval=1 if checkpoint_activations else 0
         )
-    model = GPTModel(cfg, tp_group=topo.tp_group, seed=seed)
+    model = GPTModel(cfg, tp_group=topo.tp_group, seed=seed, on_layer=on_layer)
     if checkpoint_activations:
         model.checkpoint_fn = deepspeed.checkpointing.checkpoint
     return model
@@ -313,7 +363,18 @@ def build_engine(
         # all-gather it on the receiver; sequence-parallel activations differ per rank (and are
         # already tp times smaller): send each rank's own.
         ds_config.setdefault("pipeline", {}).update(pipe_partitioned=False, grad_partitioned=False)
-    model = (build_model or build_gpt)(cfg, topo, seed, checkpoint_activations)
+    if (
+        build_model is None
+        and training
+        and ds_config.get("zero_optimization", {}).get("stage") == 3
+    ):
+        # ZeRO-3 (PP = 1): each layer partitioned over DP as soon as it is built, so no rank
+        # ever holds its whole TP shard of the model
+        model = build_gpt(
+            cfg, topo, seed, checkpoint_activations, on_layer=zero3_partitioner(topo, ds_config)
+        )
+    else:
+        model = (build_model or build_gpt)(cfg, topo, seed, checkpoint_activations)
     kwargs = {} if topo.pp > 1 else {"mpu": topo}
     model_parallel_seed(seed, tp_rank=topo.tp_rank, pp_rank=topo.pp_rank)
     if not training:

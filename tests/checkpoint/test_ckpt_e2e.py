@@ -74,7 +74,11 @@ def test_train_convert_evaluate_resume(prefix, hf_dir, tmp_path):
     ck = tmp_path / "c22"
     save = ["--save", str(ck), "--save-interval", "3"]
     straight = run_distributed(
-        _pretrain, 4, args=(base_args(prefix, tp=2, pp=2, iters=6, extra=save),), timeout=400
+        _pretrain,
+        4,
+        args=(base_args(prefix, tp=2, pp=2, iters=6, extra=save),),
+        timeout=400,
+        start_method="forkserver",
     )[0]
 
     # trained TP=2 x PP=2 -> HF: logits equal the mtnlg model's
@@ -111,7 +115,7 @@ def test_train_convert_evaluate_resume(prefix, hf_dir, tmp_path):
         ("train", cont),
     ]
     loss22, loss41, loss_imp, resumed, continued = run_distributed(
-        _jobs, 4, args=(jobs,), timeout=500
+        _jobs, 4, args=(jobs,), timeout=500, start_method="forkserver"
     )[0]
 
     assert loss41 == pytest.approx(loss22, rel=1e-6)  # evaluation unchanged by resharding

@@ -101,7 +101,9 @@ def test_tp_shards_give_hf_logits_and_loss(hf_dir, converted):
     want_loss = float(torch.nn.functional.cross_entropy(want.flatten(0, 1), labels.flatten()))
 
     ckpts = [converted[layout] for layout in LAYOUTS]
-    results = run_distributed(_run_shards, 4, args=(ckpts, ids, labels), timeout=280)
+    results = run_distributed(
+        _run_shards, 4, args=(ckpts, ids, labels), timeout=280, start_method="forkserver"
+    )
     for rank, per_ckpt in enumerate(results):
         for layout, (logits, loss, padded) in zip(LAYOUTS, per_ckpt):
             where = f"TP{layout[0]} PP{layout[1]} rank {rank}"

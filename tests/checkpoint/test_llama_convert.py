@@ -155,7 +155,9 @@ def test_tp2_and_tp2pp2_shards_give_transformers_logits(converted, reference):
     the TP2 x PP2 ones again as two pipeline stages."""
     _, want = reference
     keys = [(f, tp, pp) for f in FAMILIES for tp, pp in LAYOUTS if tp == 2]
-    results = run_distributed(_both, 2, args=([converted[k] for k in keys],), timeout=280)
+    results = run_distributed(
+        _both, 2, args=([converted[k] for k in keys],), timeout=280, start_method="forkserver"
+    )
     keys += [(f, 2, "2 (pipeline stages)") for f in FAMILIES]
     for rank, per_ckpt in enumerate(results):
         for (family, tp, pp), logits in zip(keys, per_ckpt):

@@ -95,7 +95,11 @@ def _distill(rank, world_size, argv):
 def _student(prefix, cache, out, tp, pp) -> TrainRun:
     out.mkdir(parents=True, exist_ok=True)
     errors = run_distributed(
-        _distill, tp * pp, args=(student_args(prefix, cache, out, tp, pp),), timeout=300
+        _distill,
+        tp * pp,
+        args=(student_args(prefix, cache, out, tp, pp),),
+        timeout=300,
+        start_method="forkserver",
     )
     assert errors == [None] * (tp * pp), errors
     losses, norms = read_metrics(out / "metrics.jsonl")
@@ -106,7 +110,11 @@ def _student(prefix, cache, out, tp, pp) -> TrainRun:
 def tp1_cache(_demo_data, teacher, tmp_path_factory):
     out = tmp_path_factory.mktemp("cache_tp1")
     (result,) = run_distributed(
-        _write_cache, 1, args=(cache_args(_demo_data, teacher, out),), timeout=300
+        _write_cache,
+        1,
+        args=(cache_args(_demo_data, teacher, out),),
+        timeout=300,
+        start_method="forkserver",
     )
     assert result["chunks_written"] == SAMPLES // CHUNK
     return out
@@ -119,7 +127,11 @@ def _files(d) -> dict[str, bytes]:
 @pytest.mark.timeout(600)
 def test_tp2_pp2_cache_equals_tp1(_demo_data, teacher, tp1_cache, tmp_path):
     run_distributed(
-        _write_cache, 4, args=(cache_args(_demo_data, teacher, tmp_path, 2, 2),), timeout=300
+        _write_cache,
+        4,
+        args=(cache_args(_demo_data, teacher, tmp_path, 2, 2),),
+        timeout=300,
+        start_method="forkserver",
     )
     assert CacheSpec.read(tmp_path) == CacheSpec.read(tp1_cache)
     got, want = TeacherCache(tmp_path), TeacherCache(tp1_cache)
@@ -149,7 +161,11 @@ def test_killed_write_resumes_byte_identical(_demo_data, teacher, tp1_cache, tmp
     with pytest.raises(ValueError, match="truncated: 2 of 4 chunks"):
         TeacherCache(out)
     (result,) = run_distributed(
-        _write_cache, 1, args=(cache_args(_demo_data, teacher, out),), timeout=300
+        _write_cache,
+        1,
+        args=(cache_args(_demo_data, teacher, out),),
+        timeout=300,
+        start_method="forkserver",
     )
     assert result["chunks_written"] == 2
     assert _files(out) == _files(tp1_cache)
@@ -169,5 +185,5 @@ def test_tp2_pp2_student_equals_tp1_student(_demo_data, tp1_cache, tmp_path):
 @pytest.mark.timeout(300)
 def test_cache_for_other_data_is_refused(_demo_data, tp1_cache, tmp_path):
     argv = student_args(_demo_data, tp1_cache, tmp_path, seed=12)
-    (err,) = run_distributed(_distill, 1, args=(argv,), timeout=120)
+    (err,) = run_distributed(_distill, 1, args=(argv,), timeout=120, start_method="forkserver")
     assert err is not None and "dataset seed 11 in the cache vs 12 for the student" in err

@@ -33,7 +33,11 @@ def _distill(rank, world_size, argv):
 def teacher(_demo_data, tmp_path_factory) -> str:
     save = str(tmp_path_factory.mktemp("teacher") / "ckpt")
     run_distributed(
-        _pretrain, 1, args=(base_args(_demo_data, iters=12, extra=["--save", save]),), timeout=300
+        _pretrain,
+        1,
+        args=(base_args(_demo_data, iters=12, extra=["--save", save]),),
+        timeout=300,
+        start_method="forkserver",
     )
     return save
 
@@ -68,7 +72,9 @@ def distill_args(prefix, teacher, tp=2, iters=6, extra=()):
 
 
 def losses(argv, world_size):
-    out = run_distributed(_distill, world_size, args=(argv,), timeout=300)
+    out = run_distributed(
+        _distill, world_size, args=(argv,), timeout=300, start_method="forkserver"
+    )
     assert all(o == out[0] for o in out), "ranks disagree on the loss"
     return out[0]
 

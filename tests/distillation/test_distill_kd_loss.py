@@ -83,7 +83,13 @@ def test_tp_matches_tp1(tp, mode):
     temperature = 2.0
     ref_kl, ref_grad = _reference(temperature, mode)
     one_kl, one_grad = _kl_on_ranks(0, 1, temperature, mode)
-    out = run_distributed(_kl_on_ranks, world_size=tp, args=(temperature, mode), timeout=120)
+    out = run_distributed(
+        _kl_on_ranks,
+        world_size=tp,
+        args=(temperature, mode),
+        timeout=120,
+        start_method="forkserver",
+    )
     grad = torch.cat([g for _, g in out], dim=-1)
     for kl, _ in out:
         torch.testing.assert_close(kl, one_kl, rtol=1e-6, atol=1e-6)

@@ -105,7 +105,7 @@ def test_online_llama_teacher_tp2(_demo_data, teacher_dir, tmp_path):
         "--eval-interval", "1000", "--eval-iters", "1", "--log-interval", "1", "--no-progress",
         "--save", str(tmp_path / "student"), "--export-hf", str(tmp_path / "student-hf"),
     ]  # fmt: skip
-    out = run_distributed(_distill, 2, args=(argv,), timeout=300)
+    out = run_distributed(_distill, 2, args=(argv,), timeout=300, start_method="forkserver")
     losses = out[0][0]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert out[1][0] == losses, "ranks disagree on the loss"
@@ -142,7 +142,7 @@ def test_cache_pass_llama_teacher_tp2(_demo_data, teacher_dir, tmp_path):
         "--micro-batch-size", "2", "--no-progress", "--tensor-model-parallel-size", "2",
         *_tokenizer_args(),
     ]  # fmt: skip
-    out = run_distributed(_write_cache, 2, args=(argv,), timeout=300)
+    out = run_distributed(_write_cache, 2, args=(argv,), timeout=300, start_method="forkserver")
     assert out[0][0]["chunks_written"] == 1
     tokens = out[0][1]
     assert tokens.shape == (n, SEQ) and torch.equal(out[1][1], tokens)

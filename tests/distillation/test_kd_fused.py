@@ -94,7 +94,13 @@ def test_tp1_matches_kl_div_and_cross_entropy(monkeypatch, chunk, pad, inplace):
 
 
 def test_tp2_matches_reference_and_tp1():
-    out = run_distributed(_fused_on_ranks, world_size=2, args=(CASES, 7.0, True), timeout=120)
+    out = run_distributed(
+        _fused_on_ranks,
+        world_size=2,
+        args=(CASES, 7.0, True),
+        timeout=120,
+        start_method="forkserver",
+    )
     one = _fused_on_ranks(0, 1, CASES, 7.0, True)
     for i, case in enumerate(CASES):
         ref = _reference(*case)

@@ -48,7 +48,7 @@ def _tp_vs_tp1(rank, world_size):
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("tp", [2, 4])
 def test_gpt_tp_matches_tp1(tp):
-    losses = run_distributed(_tp_vs_tp1, world_size=tp, timeout=200)
+    losses = run_distributed(_tp_vs_tp1, world_size=tp, timeout=200, start_method="forkserver")
     assert len(set(losses)) == 1  # every TP rank computed the same loss
 
 
@@ -99,7 +99,9 @@ def _count_block_collectives(rank, world_size):
 
 @pytest.mark.timeout(120)
 def test_block_costs_two_all_reduces_each_way():
-    for forward, backward in run_distributed(_count_block_collectives, world_size=2, timeout=100):
+    for forward, backward in run_distributed(
+        _count_block_collectives, world_size=2, timeout=100, start_method="forkserver"
+    ):
         assert forward == {"all_reduce": 2}
         assert backward == {"all_reduce": 2}
 

@@ -96,7 +96,9 @@ def _reference_losses() -> list[float]:
 @pytest.mark.parametrize("tp,pp", [pytest.param(1, 2, marks=pytest.mark.slow), (2, 2)])
 def test_pipeline_engine_matches_plain_model(tp, pp):
     ref = _reference_losses()
-    results = run_distributed(_pipe_train, world_size=tp * pp, args=(tp, pp), timeout=360)
+    results = run_distributed(
+        _pipe_train, world_size=tp * pp, args=(tp, pp), timeout=360, start_method="forkserver"
+    )
     for r in results:
         assert r["losses"] == pytest.approx(ref, rel=1e-4), (r["pp_rank"], r["tp_rank"])
     assert ref[-1] < ref[0]  # it trained

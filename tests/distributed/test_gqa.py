@@ -65,7 +65,7 @@ def test_gqa_tp_matches_tp1(tp, groups):
 
     cfg = _cfg(groups)
     ref_loss, ref_grads, ref_weights, ref_numel = _step(cfg, None)
-    results = run_distributed(_tp_body, tp, args=(groups,), timeout=240)
+    results = run_distributed(_tp_body, tp, args=(groups,), timeout=240, start_method="forkserver")
     for loss, *_ in results:
         assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
     for name in ref_grads:

@@ -90,7 +90,7 @@ def _body(rank, world_size):
 
 @pytest.mark.timeout(300)
 def test_pipeline_engine_reuses_topology_grid():
-    results = run_distributed(_body, 8, timeout=240)
+    results = run_distributed(_body, 8, timeout=240, start_method="forkserver")
     for ours, minimum, shared in results:
         assert shared  # the engine's grid is Topology's
         assert ours == minimum, (ours, minimum)

@@ -453,7 +453,9 @@ def _check_init_invariance(results: list[dict], tp: int) -> None:
 def test_tp_layers_match_pytorch():
     """One spawn of 4 ranks, run as TP=2 (groups {0,1}, {2,3}) then TP=4: collectives, every
     layer, CE and TP-invariant init against plain PyTorch."""
-    results = run_distributed(_all_checks, world_size=4, args=((2, 4),), timeout=240)
+    results = run_distributed(
+        _all_checks, world_size=4, args=((2, 4),), timeout=240, start_method="forkserver"
+    )
     for tp in (2, 4):
         _check_init_invariance([res[tp] for res in results], tp)
 

@@ -95,7 +95,7 @@ def _rng_body(rank: int, world_size: int):
 
 @pytest.fixture(scope="module")
 def rng_results():
-    return run_distributed(_rng_body, world_size=2, timeout=150)
+    return run_distributed(_rng_body, world_size=2, timeout=150, start_method="forkserver")
 
 
 def test_default_stream_equal_across_tp(rng_results):

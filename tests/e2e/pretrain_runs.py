@@ -128,7 +128,13 @@ def pretrain(
     out.mkdir(parents=True, exist_ok=True)
     metrics, ckpt = out / "metrics.jsonl", out / "ckpt"
     argv = [*argv, "--metrics-file", str(metrics)] + (["--save", str(ckpt)] if save else [])
-    seen = run_distributed(_pretrain_observed, world_size=world_size, args=(argv,), timeout=timeout)
+    seen = run_distributed(
+        _pretrain_observed,
+        world_size=world_size,
+        args=(argv,),
+        timeout=timeout,
+        start_method="forkserver",
+    )
     losses, norms = read_metrics(metrics)
     weights, layout = merged_weights(ckpt) if save else ({}, None)
     return Run(

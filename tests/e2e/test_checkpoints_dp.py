@@ -46,7 +46,9 @@ def _jobs(rank, world_size, jobs):
 
 
 def run(jobs, world_size, timeout=600):
-    return run_distributed(_jobs, world_size, args=(jobs,), timeout=timeout)[0]
+    return run_distributed(
+        _jobs, world_size, args=(jobs,), timeout=timeout, start_method="forkserver"
+    )[0]
 
 
 def at_tag(root: Path, tag: str, view: Path) -> str:

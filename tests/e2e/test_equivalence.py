@@ -49,10 +49,22 @@ def reference(demo_prefix, tmp_path_factory) -> dict[str, Run]:
 
 
 @pytest.mark.timeout(900)
+# slow: 8 fresh interpreters (~45 s more than forked ranks); the default run keeps the same
+# layout in test_tp2_pp2_dp2 and the launcher in test_pretrain, test_harness, tests/faults
+@pytest.mark.slow
 def test_tp2_pp2_dp2_through_deepspeed_launcher(demo_prefix, reference, tmp_path):
     """8 processes started by `deepspeed --hostfile` (ZeRO-1, pipeline engine, accumulation 2)."""
     got = launch(equivalence_args(demo_prefix, tp=2, pp=2), 8, tmp_path)
     assert got.layout == (2, 2, 2)
+    assert_equivalent(got, reference["layouts"], LOSS_RTOL, NORM_RTOL, WEIGHT_ATOL)
+
+
+@pytest.mark.timeout(900)
+def test_tp2_pp2_dp2(demo_prefix, reference, tmp_path):
+    """The same 8 ranks spawned by ``run_distributed`` (ZeRO-1, pipeline engine, accumulation 2)."""
+    got = pretrain(equivalence_args(demo_prefix, tp=2, pp=2), 8, tmp_path)
+    assert got.layout == (2, 2, 2)
+    assert got.block_calls == [ITERS * 2 * 2] * 8  # iterations x micro-batches x blocks/stage
     assert_equivalent(got, reference["layouts"], LOSS_RTOL, NORM_RTOL, WEIGHT_ATOL)
 
 

@@ -88,10 +88,12 @@ def runs(demo_prefix, tmp_path_factory):
     ]
     four = [ev("c12", 2), ev("c11")]  # PP2 x DP2 and DP4: some ranks get padding windows
     out = {"dir": d}
-    _, _, _, out["eval_tp1"] = run_distributed(_jobs, 1, args=(one,), timeout=400)[0]
-    res2 = run_distributed(_jobs, 2, args=(two,), timeout=400)
+    _, _, _, out["eval_tp1"] = run_distributed(
+        _jobs, 1, args=(one,), timeout=400, start_method="forkserver"
+    )[0]
+    res2 = run_distributed(_jobs, 2, args=(two,), timeout=400, start_method="forkserver")
     out["eval_pp2"] = [r[1] for r in res2]
-    res4 = run_distributed(_jobs, 4, args=(four,), timeout=400)
+    res4 = run_distributed(_jobs, 4, args=(four,), timeout=400, start_method="forkserver")
     out["eval_pp2_dp2"] = [r[0] for r in res4]
     out["eval_dp4"] = [r[1] for r in res4]
 

@@ -103,10 +103,18 @@ def _rows(path: Path, kind: str) -> list[dict]:
 def runs(demo_prefix, tmp_path_factory):
     out = tmp_path_factory.mktemp("hot_path")
     pp3 = run_distributed(
-        _observed, 3, args=(_args(demo_prefix, 3, 2, out / "pp3.jsonl"),), timeout=400
+        _observed,
+        3,
+        args=(_args(demo_prefix, 3, 2, out / "pp3.jsonl"),),
+        timeout=400,
+        start_method="forkserver",
     )
     ref = run_distributed(
-        _observed, 1, args=(_args(demo_prefix, 1, 8, out / "ref.jsonl"),), timeout=300
+        _observed,
+        1,
+        args=(_args(demo_prefix, 1, 8, out / "ref.jsonl"),),
+        timeout=300,
+        start_method="forkserver",
     )
     return {"pp3": pp3, "ref": ref[0], "out": out}
 

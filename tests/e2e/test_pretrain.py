@@ -88,7 +88,9 @@ def _pretrain(rank, world_size, argv):
 
 
 def losses(argv, world_size, timeout=300):
-    out = run_distributed(_pretrain, world_size=world_size, args=(argv,), timeout=timeout)
+    out = run_distributed(
+        _pretrain, world_size=world_size, args=(argv,), timeout=timeout, start_method="forkserver"
+    )
     assert all(o == out[0] for o in out), "ranks disagree on the loss"
     return out[0]
 
@@ -189,7 +191,13 @@ def test_rampup_and_bf16(demo_prefix, tmp_path):
         mb=2,
         extra=["--rampup-batch-size", "4", "2", "24", "--log-interval", "1", "--bf16"],
     )
-    run_distributed(_pretrain_metrics, world_size=1, args=(argv, metrics), timeout=300)
+    run_distributed(
+        _pretrain_metrics,
+        world_size=1,
+        args=(argv, metrics),
+        timeout=300,
+        start_method="forkserver",
+    )
     rows = [json.loads(line) for line in open(metrics) if '"train"' in line]
     batches = [r["global_batch"] for r in rows]
     # 24 samples over (8-4)/2 = 2 increments: 4 until 12 samples, 6 until 24, then 8

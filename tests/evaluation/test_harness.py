@@ -122,7 +122,11 @@ def hf_ref(setup):
 def tp2pp2(setup):
     root, _, ckpts, _ = setup
     return run_distributed(
-        _harness_body, world_size=4, args=(ckpts["tp2pp2"], root / "datasets"), timeout=300
+        _harness_body,
+        world_size=4,
+        args=(ckpts["tp2pp2"], root / "datasets"),
+        timeout=300,
+        start_method="forkserver",
     )
 
 

@@ -79,7 +79,9 @@ def runs(tmp_path_factory):
         ckpts[name] = str(root / name)
         hf_to_mtnlg(str(root / "hf"), ckpts[name], tp=tp, pp=pp)
     pairs = _pairs(model)
-    results = run_distributed(_body, world_size=4, args=(ckpts, pairs), timeout=300)
+    results = run_distributed(
+        _body, world_size=4, args=(ckpts, pairs), timeout=300, start_method="forkserver"
+    )
     return pairs, _reference(model, pairs), results
 
 

@@ -182,7 +182,7 @@ def runs(base, demo_prefix):  # noqa: F811
         ev("pre", "wikitext", 2, "--overlapping-eval", "16", *cap),
         ev("pre", "lambada", 2, *cap),
     ]
-    results = run_distributed(_jobs, 4, args=(jobs,), timeout=600)
+    results = run_distributed(_jobs, 4, args=(jobs,), timeout=600, start_method="forkserver")
     names = ["w22", "l22s", "l22n", "w21", "l21s", "w11", "l11n", None, "pre_w", "pre_l"]
     out = {n: [r[i] for r in results] for i, n in enumerate(names) if n}
     out["metrics"] = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]

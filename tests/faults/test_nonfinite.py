@@ -98,7 +98,9 @@ def _scenario(rank, world_size, layouts, iters=5):
 @pytest.fixture(scope="module")
 def poisoned_runs() -> list[dict]:
     """Every layout, one after the other in the same two spawned ranks (one start-up)."""
-    return run_distributed(_scenario, world_size=2, args=(LAYOUTS,), timeout=400)
+    return run_distributed(
+        _scenario, world_size=2, args=(LAYOUTS,), timeout=400, start_method="forkserver"
+    )
 
 
 @pytest.mark.timeout(450)

@@ -70,7 +70,13 @@ def finetune(argv: list[str], world_size: int, out: Path, timeout: float = 400):
     out.mkdir(parents=True, exist_ok=True)
     metrics = out / "metrics.jsonl"
     argv = [*argv, "--metrics-file", str(metrics)]
-    evals = run_distributed(_finetune_body, world_size=world_size, args=(argv,), timeout=timeout)
+    evals = run_distributed(
+        _finetune_body,
+        world_size=world_size,
+        args=(argv,),
+        timeout=timeout,
+        start_method="forkserver",
+    )
     losses, norms = read_metrics(metrics)
     return Run(losses, norms), evals[0]
 

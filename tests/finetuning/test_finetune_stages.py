@@ -43,7 +43,9 @@ def test_pp3_middle_stage_reads_no_examples(tmp_path):
     ref, _ = finetune(classification_args(train, dev, mb=8, iters=ITERS), 1, tmp_path / "ref")
     metrics = tmp_path / "pp3.jsonl"
     argv = [*classification_args(train, dev, pp=3, iters=ITERS), "--metrics-file", str(metrics)]
-    reads = run_distributed(_counted_body, world_size=3, args=(argv,), timeout=400)
+    reads = run_distributed(
+        _counted_body, world_size=3, args=(argv,), timeout=400, start_method="forkserver"
+    )
     assert reads == [8 * ITERS, 0, 8 * ITERS]  # stages 0, 1, 2 (one rank each)
     losses, norms = read_metrics(metrics)
     assert len(losses) == ITERS

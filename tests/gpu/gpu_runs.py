@@ -44,13 +44,28 @@ def metric_rows(path: Path) -> list[dict]:
     return [r for r in rows if r.get("kind") == "train"]
 
 
-def launch_gpu(argv: list[str], ngpus: int, out: Path, save: bool = True, timeout=600) -> Run:
-    """``deepspeed --hostfile`` (localhost slots=ngpus) running pretrain.py on CUDA."""
+# torch's AdamW, not DeepSpeed's FusedAdam: that one JIT-compiles a CUDA extension (a minute or
+# more, and a toolchain that must match the installed torch) before the first step.
+TORCH_ADAM = {"optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
+
+
+def launch_gpu(
+    argv: list[str], ngpus: int, out: Path, save: bool = True, ds: dict | None = None, timeout=600
+) -> Run:
+    """``deepspeed --hostfile`` (localhost slots=ngpus) running pretrain.py on CUDA, with
+    ``ds`` (plus torch's AdamW) as its ``--deepspeed_config``."""
     out.mkdir(parents=True, exist_ok=True)
     metrics, ckpt, hostfile = out / "metrics.jsonl", out / "ckpt", out / "hostfile"
     hostfile.write_text(f"localhost slots={ngpus}\n")
     env = {**os.environ, "DS_ACCELERATOR": "cuda", "OMP_NUM_THREADS": "1"}
-    argv = [*argv, "--metrics-file", metrics] + (["--save", ckpt] if save else [])
+    argv = [
+        *argv,
+        "--metrics-file",
+        metrics,
+        "--deepspeed_config",
+        ds_json(out, {**TORCH_ADAM, **(ds or {})}),
+    ]
+    argv += ["--save", ckpt] if save else []
     proc = run_group(deepspeed_cmd(PRETRAIN, argv, hostfile), env, timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     losses, norms = read_metrics(metrics)

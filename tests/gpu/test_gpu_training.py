@@ -23,7 +23,7 @@ from tests.e2e.pretrain_runs import (
     equivalence_args,
     max_rel,
 )
-from tests.gpu.gpu_runs import cuda_count, ds_json, launch_gpu, metric_rows, needs_gpus
+from tests.gpu.gpu_runs import cuda_count, launch_gpu, metric_rows, needs_gpus
 
 pytestmark = [
     pytest.mark.gpu,
@@ -74,9 +74,8 @@ def test_fp16_dynamic_loss_scale_skips_overflows_and_converges(demo_prefix, tmp_
             "loss_scale_window": 1000, "min_loss_scale": 1,
         },
     }  # fmt: skip
-    extra = ["--fp16", "--deepspeed_config", ds_json(tmp_path, cfg), "--lr-decay-iters", "60"]
-    argv = equivalence_args(demo_prefix, iters=iters, extra=extra)
-    launch_gpu(argv, 1, tmp_path / "run", save=False)
+    argv = equivalence_args(demo_prefix, iters=iters, extra=["--fp16", "--lr-decay-iters", "60"])
+    launch_gpu(argv, 1, tmp_path / "run", save=False, ds=cfg)
     rows = metric_rows(tmp_path / "run" / "metrics.jsonl")
     scales = [r["loss_scale"] for r in rows]
     skipped = [r["skipped_iters"] for r in rows]

@@ -12,6 +12,17 @@ Usage::
 Every child sets DS_ACCELERATOR=cpu, one intra-op thread, a fresh port, initialises the default
 group through ``mtnlg.distributed.init``, and always runs ``barrier(); destroy_process_group()``.
 A child's exception is re-raised in the parent with its traceback; a hang is killed at ``timeout``.
+
+``start_method="forkserver"`` forks the children from a fork server (``multiprocessing``'s
+start method) that imported torch, dynamo, inductor and DeepSpeed once per pytest session: every
+rank of a DeepSpeed run imports them (torch's optimizer imports dynamo, DeepSpeed's ZeRO check
+inductor), ~6.5 CPU-seconds that each spawned interpreter pays again (2 cores, 4-8 ranks per
+run). The fork server is itself a fresh interpreter (not a fork of pytest), started with the
+children's DS_ACCELERATOR; a child gets the parent's environment as it is at the call, as a
+spawned one does. Tests that measure a rank's resident memory keep the default "spawn": a forked
+child starts from the server's heap and mappings, and its VmHWM deltas were measured to vary
+(a ZeRO-3 build-peak test failed 2 of 4 runs forked, none spawned).
+``MTNLG_TEST_START_METHOD=spawn`` spawns every child whatever the call asks.
 """
 
 from __future__ import annotations
@@ -32,7 +43,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PRELOAD = ["torch", "torch._dynamo", "torch._inductor.compile_fx", "deepspeed"]
+"""What the fork server imports once. Not transformers / datasets / huggingface_hub: they read
+their environment (HF_HUB_OFFLINE, caches) into constants at import, and tests set it."""
+
+
+def _context(method: str, env: dict[str, str]):
+    """The start method's context; the fork server is started under the children's settings."""
+    if os.environ.get("MTNLG_TEST_START_METHOD") == "spawn":
+        method = "spawn"
+    if method not in ("spawn", "forkserver"):
+        raise ValueError(f"start_method {method!r}: 'spawn' or 'forkserver'")
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        from multiprocessing import forkserver
+
+        ctx.set_forkserver_preload(PRELOAD)
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            forkserver.ensure_running()  # no-op once running
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return ctx
+
+
 def _child(fn, rank, world_size, port, args, env, queue):
+    os.environ.clear()  # the parent's environment at the call (the fork server has its own)
     os.environ.update(env)
     os.environ.update(
         {
@@ -66,15 +107,19 @@ def run_distributed(
     args: tuple = (),
     timeout: float = 180.0,
     threads: int = 1,
+    start_method: str = "spawn",
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return per-rank results."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return per-rank results.
+
+    ``start_method``: "spawn" (fresh interpreters) or "forkserver" (see the module docstring)."""
     env = {
         "DS_ACCELERATOR": "cpu",
         "MTNLG_TEST_THREADS": str(threads),
         "OMP_NUM_THREADS": str(threads),
     }
+    ctx = _context(start_method, env)
+    queue = ctx.Queue()
+    env = {**os.environ, **env}
     port = free_port()
     procs = [
         ctx.Process(target=_child, args=(fn, r, world_size, port, args, env, queue), daemon=True)

@@ -29,7 +29,9 @@ def layout_runs(hf_model, tmp_path_factory):
     for name, (tp, pp) in LAYOUTS.items():
         ckpts[name] = str(root / name)
         hf_to_mtnlg(str(folder), ckpts[name], tp=tp, pp=pp)
-    return run_distributed(layouts_body, world_size=4, args=(ckpts,), timeout=240)
+    return run_distributed(
+        layouts_body, world_size=4, args=(ckpts,), timeout=240, start_method="forkserver"
+    )
 
 
 @pytest.fixture(scope="module")

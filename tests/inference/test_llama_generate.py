@@ -73,7 +73,13 @@ def tp2pp2_runs(hf_models, tmp_path_factory):
     folders = {f: str(folder) for f, (folder, _, _) in hf_models.items()}
     ckpt = str(tmp_path_factory.mktemp("ckpt") / "llama_tp2pp2")
     hf_to_mtnlg(folders["llama"], ckpt, tp=2, pp=2)
-    return run_distributed(tp2pp2_body, world_size=4, args=(folders, {"ckpt": ckpt}), timeout=300)
+    return run_distributed(
+        tp2pp2_body,
+        world_size=4,
+        args=(folders, {"ckpt": ckpt}),
+        timeout=300,
+        start_method="forkserver",
+    )
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -218,7 +218,9 @@ def _built_counts(rank, world_size, names):
 @pytest.mark.timeout(300)
 def test_params_per_rank_and_stage_equal_built_tp2_pp2():
     names = list(BUILT)
-    counts = run_distributed(_built_counts, 2, args=(names,), timeout=240)
+    counts = run_distributed(
+        _built_counts, 2, args=(names,), timeout=240, start_method="forkserver"
+    )
     for name in names:
         cfg = _built_cfg(name)
         tp_rank = stage_params(cfg, tp=2, pp=1)[0].params_per_rank
