@@ -154,8 +154,10 @@ def test_time_terms_by_hand():
     elementwise = m * 3 * (L // p) * stored / 1000e9
     tp_comm = m * 4 * (L // p) * 2 * (t - 1) / t * b * s * h * 2 / 100e9  # NVLink
     pp_comm = m * 2 * b * s * h * 2 / 10e9  # t x d = 8 ranks apart: the next node, IB
-    # last stage: 2 blocks (12h^2 + 7h sharded, 6h replicated), final norm, tied embedding
-    params = (V * h + 2 * (12 * h * h + 7 * h)) / t + s * h + 2 * 6 * h + 2 * h
+    # the busiest stage: the first, embedding (word table sharded, position table replicated)
+    # and 2 blocks (12h^2 + 7h sharded, 6h replicated); the last holds the word table alone
+    # (tied head), 2 blocks and the final norm (2h): s*h - 2h fewer
+    params = (V * h + 2 * (12 * h * h + 7 * h)) / t + s * h + 2 * 6 * h
     dp_comm = 2 * (d - 1) / d * params * 4 / 100e9  # fp32 accumulated grads; replicas in-node
     bubble = (p - 1) * (compute + elementwise + tp_comm + pp_comm) / m
     got = iteration_time(cfg, layout, hw)
