@@ -3,7 +3,8 @@
 #   1. preprocess data/demo/shakespeare.jsonl into Megatron's .bin/.idx (GPT-2 BPE, EOD appended)
 #   2. pretrain a small GPT with TP=2 x PP=2 on 4 processes through `deepspeed --hostfile`
 #   3. plot the loss curve (PNG), 4. evaluate the checkpoint's validation perplexity
-#   5. distill it into a smaller student, export to Hugging Face, generate with transformers
+#   5. prune it to half its width (importance from a calibration pass at TP=2 x PP=2), distill
+#      the pruned model from it, export to Hugging Face, generate with transformers
 #   6. generate from the trained checkpoint with mtnlg/generate.py at its TP=2 x PP=2
 #   7. zero-shot LAMBADA (Megatron's method) on 300 passages at TP=2 x PP=2
 #   8. fine-tune on SST-2 at TP=2 x DP=2, export GPT2ForSequenceClassification, classify with it
@@ -48,8 +49,8 @@ echo "== 4/8 evaluate the checkpoint at its own TP=2 x PP=2"
   --data-path "$DATA" --split 95,5,0 --eval-samples 64 --output-json "$OUT/eval.json"
 cat "$OUT/eval.json"
 
-if [ -f mtnlg/distill.py ] && [ -d mtnlg/checkpoint ]; then
-  echo "== 5/8 distill into a 2-layer student, export to Hugging Face, generate"
+if [ -f mtnlg/distill.py ] && [ -f mtnlg/prune.py ]; then
+  echo "== 5/8 prune to half width (calibration at TP=2 x PP=2), distill the pruned student, export to Hugging Face, generate"
   bash launch/demo_distill.sh "$OUT" "$DATA"
 fi
 
@@ -87,4 +88,4 @@ for text, p in zip(texts, pred):
     print(f"transformers GPT2ForSequenceClassification: {text!r} -> {label}")
 PYEOF
 
-echo "demo done: $OUT/loss.png, $OUT/ckpt, $OUT/eval.json, $OUT/gen.jsonl, $OUT/lambada.json, $OUT/sst2_hf"
+echo "demo done: $OUT/loss.png, $OUT/ckpt, $OUT/eval.json, $OUT/pruned, $OUT/student_hf, $OUT/gen.jsonl, $OUT/lambada.json, $OUT/sst2_hf"

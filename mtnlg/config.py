@@ -51,6 +51,9 @@ class ModelConfig:
     """SwiGLU MLP: silu(gate) * up, gate and up fused column-parallel (``--swiglu``)."""
     num_query_groups: int | None = None
     """GQA/MQA key-value groups (``--num-query-groups``); None: one per head (plain MHA)."""
+    kv_channels: int | None = None
+    """Channels per attention head (``--kv-channels``, Megatron's name); None: hidden / heads.
+    Explicit when heads x kv_channels != hidden (e.g. a model whose heads were pruned)."""
     untie_embeddings_and_output_weights: bool = False
     """A separate vocab-parallel output layer (``--untie-embeddings-and-output-weights``)."""
     add_bias_linear: bool = True
@@ -71,10 +74,12 @@ class ModelConfig:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.hidden_size % self.num_attention_heads:
+        if self.kv_channels is not None and self.kv_channels < 1:
+            raise ValueError(f"--kv-channels must be >= 1 (got {self.kv_channels})")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"--hidden-size ({self.hidden_size}) is not divisible by "
-                f"--num-attention-heads ({self.num_attention_heads})"
+                f"--num-attention-heads ({self.num_attention_heads}); give --kv-channels"
             )
         if self.seq_length > self.max_position_embeddings:
             raise ValueError(
@@ -113,7 +118,13 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        """Channels per head: ``kv_channels``, else hidden / heads."""
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def attention_dim(self) -> int:
+        """Width of the attention core's output (the dense projection's input): heads x head_dim."""
+        return self.num_attention_heads * self.head_dim
 
     @property
     def use_rope(self) -> bool:
@@ -143,6 +154,7 @@ class ModelConfig:
             and self.num_query_groups is None
             and self.tied
             and self.add_bias_linear
+            and self.attention_dim == self.hidden_size
         )
 
     @property
@@ -171,7 +183,7 @@ class ModelConfig:
             2 * norm  # ln_1, ln_2
             + qkv_out * h
             + (qkv_out if self.qkv_bias else 0)  # fused qkv
-            + h * h
+            + self.attention_dim * h
             + (h if bias else 0)  # attention output projection
             + up_out * h
             + (up_out if bias else 0)  # mlp up (gate and up with SwiGLU)

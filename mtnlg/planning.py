@@ -169,7 +169,7 @@ def _sharded_replicated(cfg: ModelConfig, tp: int) -> dict[str, tuple[int, int]]
     qkv, up, bias = qkv_rows(cfg), mlp_up_rows(cfg), int(cfg.add_bias_linear)
     norm = h if cfg.normalization == "rmsnorm" else 2 * h  # weight (+ bias)
     # column-parallel qkv (+ bias) and up (+ bias), row-parallel dense and down (weights only)
-    block_sharded = qkv * (h + int(cfg.qkv_bias)) + h * h + up * (h + bias) + f * h
+    block_sharded = qkv * (h + int(cfg.qkv_bias)) + cfg.attention_dim * h + up * (h + bias) + f * h
     block_replicated = 2 * norm + 2 * h * bias  # ln_1, ln_2; dense and down biases
     positions = 0 if cfg.use_rope else cfg.max_position_embeddings * h
     vocab = cfg.padded_vocab_size(tp) * h
@@ -385,11 +385,12 @@ def stage_memory(cfg: ModelConfig, layout: Layout, sp: StageParams) -> StageMemo
 def forward_flops_per_token(cfg: ModelConfig, tp: int = 1) -> float:
     """Matmul FLOPs of one token's forward pass (Narayanan et al. 2021's counting: 2 per
     multiply-add, full s x s scores; norms, softmax, biases and RoPE not counted):
-    per block 2h(qkv rows) + 2h^2 (dense) + 2h(up rows + f) (MLP) + 4sh (scores and the
-    weighted sum over V), plus 2hV for the logits. The GPT-2 shape gives 24h^2 + 4sh per block."""
+    per block 2h(qkv rows) + 2ha (dense, a = heads x head_dim, h unless --kv-channels) +
+    2h(up rows + f) (MLP) + 4sa (scores and the weighted sum over V), plus 2hV for the logits.
+    The GPT-2 shape gives 24h^2 + 4sh per block."""
     s, L, h, V = cfg.seq_length, cfg.num_layers, cfg.hidden_size, cfg.padded_vocab_size(tp)
-    f = cfg.ffn_hidden_size
-    block = 2 * h * qkv_rows(cfg) + 2 * h * h + 2 * h * (mlp_up_rows(cfg) + f) + 4 * s * h
+    f, a = cfg.ffn_hidden_size, cfg.attention_dim
+    block = 2 * h * qkv_rows(cfg) + 2 * h * a + 2 * h * (mlp_up_rows(cfg) + f) + 4 * s * a
     return L * block + 2 * h * V
 
 
@@ -618,12 +619,7 @@ def make_plan(
     """Validate the layout against the model and compute the plan (does not refuse on memory)."""
     padded = cfg.padded_vocab_size(layout.tp)
     dims = ParallelDims(layout.world_size, layout.tp, layout.pp)
-    dims.validate_model(
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        num_attention_heads=cfg.num_attention_heads,
-        vocab_size=padded,
-    )
+    dims.validate_config(cfg)
     g, t = cfg.kv_groups, layout.tp
     if g % t and t % g:
         raise ParallelConfigError(

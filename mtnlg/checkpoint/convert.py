@@ -137,16 +137,22 @@ def hf_to_mtnlg(
                 rules.check_full(n, full[n], cfg)
             writer.write_group(group, full)
         writer.finish()
-        meta = {
-            "model": cfg.to_dict(),
-            "parallel": {"tp": tp, "pp": pp, "dp": 1},
-            "train": {},
-            "progress": {"iteration": 0, "consumed_samples": 0, "consumed_tokens": 0},
-            "weights_only": True,
-            "source": {"huggingface": str(Path(input).resolve())},
-        }
+        meta = new_model_meta(cfg, tp, pp, {"huggingface": str(Path(input).resolve())})
         _write_root(tmp, tag, meta, tokenizer)
     return cfg
+
+
+def new_model_meta(cfg: ModelConfig, tp: int, pp: int, source: dict) -> dict:
+    """The metadata of a weights-only checkpoint of a new model (iteration 0, no training
+    state): a Hugging Face import, a pruned model."""
+    return {
+        "model": cfg.to_dict(),
+        "parallel": {"tp": tp, "pp": pp, "dp": 1},
+        "train": {},
+        "progress": {"iteration": 0, "consumed_samples": 0, "consumed_tokens": 0},
+        "weights_only": True,
+        "source": source,
+    }
 
 
 def reshard(
@@ -198,12 +204,7 @@ def check_layout(cfg: ModelConfig, tp: int, pp: int) -> None:
     from mtnlg.distributed.topology import ParallelConfigError, ParallelDims
 
     try:
-        ParallelDims(world_size=tp * pp, tp=tp, pp=pp).validate_model(
-            num_layers=cfg.num_layers,
-            hidden_size=cfg.hidden_size,
-            num_attention_heads=cfg.num_attention_heads,
-            vocab_size=cfg.padded_vocab_size(tp),
-        )
+        ParallelDims(world_size=tp * pp, tp=tp, pp=pp).validate_config(cfg)
     except ParallelConfigError as e:
         raise CheckpointError(str(e)) from None
     if cfg.ffn_hidden_size % tp:

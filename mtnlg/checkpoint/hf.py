@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mtnlg.checkpoint import rules
 from mtnlg.checkpoint.rules import CheckpointError
 from mtnlg.config import ModelConfig
 
@@ -154,6 +155,13 @@ def export_architecture(cfg: ModelConfig) -> str:
         return arch
     if arch != GPT2_ARCH:
         raise CheckpointError(f"hf_architecture={arch!r}: no Hugging Face export for it")
+    if cfg.attention_dim != cfg.hidden_size:
+        raise CheckpointError(
+            f"{GPT2_ARCH} export: GPT2Config cannot express kv_channels={cfg.kv_channels} "
+            f"(heads {cfg.num_attention_heads} x head_dim {cfg.head_dim} = {cfg.attention_dim} "
+            f"!= n_embd {cfg.hidden_size}); prune heads and hidden together so that hidden / "
+            "heads stays the head dim, or keep the model in mtnlg"
+        )
     if not cfg.gpt2_compatible:
         opts = ("position_embedding_type", "normalization", "swiglu", "num_query_groups")
         have = {k: getattr(cfg, k) for k in (*opts, "tied", "add_bias_linear")}
@@ -274,6 +282,13 @@ class HFReader:
             if part not in have:
                 raise CheckpointError(f"{self.folder}: missing tensor {hf_name!r} (for {name!r})")
         parts = {part: self._read(k).float() for part, k in have.items()}
+        want = dict(hf_llama.hf_shapes(name, rules.full_shape(name, self._cfg), self._cfg))
+        for part, k in have.items():
+            if tuple(parts[part].shape) != want.get(k, tuple(parts[part].shape)):
+                raise CheckpointError(
+                    f"{self.folder}: {k} has shape {tuple(parts[part].shape)}, the config "
+                    f"(heads, head_dim, hidden, intermediate sizes) says {want[k]}"
+                )
         return hf_llama.combine(name, parts, self._cfg).contiguous()
 
     def _read(self, hf_name: str) -> Tensor:

@@ -152,7 +152,7 @@ def hf_shapes(name: str, shape: tuple[int, ...], cfg: ModelConfig) -> list[tuple
         return [(hf[0][0], tuple(shape))]
     if len(hf) == 2:
         return [(n, (shape[0] // 2, *rest)) for n, _ in hf]
-    rows = {"q": cfg.hidden_size, "k": cfg.kv_groups * cfg.head_dim}
+    rows = {"q": cfg.attention_dim, "k": cfg.kv_groups * cfg.head_dim}
     return [(n, (rows.get(part, rows["k"]), *rest)) for n, part in hf]
 
 
@@ -189,9 +189,8 @@ def _check_options(hf: dict) -> None:
         if hf.get(key):
             raise _refuse(key, hf[key], "biases on every projection are not supported")
     nh, h = hf["num_attention_heads"], hf["hidden_size"]
-    head_dim = hf.get("head_dim")
-    if h % nh or (head_dim is not None and head_dim != h // nh):
-        raise _refuse("head_dim", head_dim, f"it must equal hidden_size / heads ({h}/{nh})")
+    if h % nh and not hf.get("head_dim"):
+        raise _refuse("head_dim", None, f"hidden_size / heads ({h}/{nh}) is not whole: give it")
     window = hf.get("sliding_window")
     slides = mt == "mistral" or (mt == "qwen2" and hf.get("use_sliding_window", False))
     if slides and window is not None and (max_pos is None or window < max_pos):
@@ -202,6 +201,14 @@ def _check_options(hf: dict) -> None:
             f"a sliding window of {window} < max_position_embeddings {max_pos} masks tokens "
             "that full causal attention sees",
         )
+
+
+def _kv_channels(hf: dict) -> int | None:
+    """``head_dim`` when it is not hidden_size / heads (e.g. a head-pruned model), else None."""
+    nh, h, d = hf["num_attention_heads"], hf["hidden_size"], hf.get("head_dim")
+    if d is None or (h % nh == 0 and d == h // nh):
+        return None
+    return int(d)
 
 
 def config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> ModelConfig:
@@ -233,6 +240,7 @@ def config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> ModelCo
         normalization="rmsnorm",
         swiglu=True,
         num_query_groups=None if kv == nh else kv,
+        kv_channels=_kv_channels(hf),
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
         add_bias_linear=False,
         add_qkv_bias=mt == "qwen2",
@@ -294,6 +302,8 @@ def hf_config_dict(cfg: ModelConfig, arch: str, eod: int | None, dtype: torch.dt
         kwargs.update(sliding_window=None, head_dim=cfg.head_dim)
     else:
         kwargs.update(use_sliding_window=False, sliding_window=None)
+        if cfg.attention_dim != cfg.hidden_size:  # Qwen2Attention reads head_dim when given
+            kwargs.update(head_dim=cfg.head_dim)
     from mtnlg.checkpoint.hf import config_json
 
     return config_json(getattr(transformers, ARCH_CONFIG[arch])(**kwargs), dtype)

@@ -130,7 +130,7 @@ def full_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
         "ln_2.bias": (h,),
         "attention.qkv.weight": (qkv, h),
         "attention.qkv.bias": (qkv,),
-        "attention.dense.weight": (h, h),
+        "attention.dense.weight": (h, cfg.attention_dim),
         "attention.dense.bias": (h,),
         "mlp.up.weight": (up, h),
         "mlp.up.bias": (up,),

@@ -26,10 +26,13 @@ from mtnlg.distillation.cache_student import (
 )
 from mtnlg.distillation.student import DistillStudent, KDConfig
 from mtnlg.distillation.student_init import (
+    STUDENT_SHAPE,
     check_same_vocab,
     init_from_teacher_layers,
+    load_student_weights,
     parse_init_layers,
     student_config,
+    student_load_config,
 )
 from mtnlg.distillation.teacher import Teacher, load_teacher
 from mtnlg.distributed.init import current_device
@@ -64,6 +67,11 @@ def add_distill_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--student-hidden-size", type=int, help="default: the teacher's")
     g.add_argument("--student-num-attention-heads", type=int, help="default: the teacher's")
     g.add_argument("--student-ffn-hidden-size", type=int, help="default: 4 x hidden size")
+    g.add_argument(
+        "--student-load",
+        help="start the student from this mtnlg checkpoint's shape and weights (any TP x PP), "
+        "e.g. prune.py's output; the optimizer starts anew",
+    )
     g.add_argument("--student-init", default="random", choices=["random", "teacher-layers"])
     g.add_argument(
         "--student-init-layers",
@@ -72,6 +80,14 @@ def add_distill_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--kd-temperature", type=float, default=1.0, help="T (loss scaled by T²)")
     g.add_argument("--kd-alpha", type=float, default=0.5, help="alpha*KL + (1-alpha)*CE")
     g.add_argument("--kd-loss", default="forward-kl", choices=["forward-kl", "reverse-kl"])
+    g.add_argument(
+        "--cache-kd-loss",
+        default="topk-rest",
+        choices=["topk-rest", "topk-renorm"],
+        help="with --teacher-cache: KL over the top-k + a rest bucket, or renormalised on the "
+        "top-k; a cache with sampled ids (--sampled-k) uses its unbiased estimator (refuses "
+        "topk-renorm)",
+    )
     g.add_argument("--export-hf", help="after training, write the student as a HF folder here")
     return p
 
@@ -106,6 +122,12 @@ def _check_flags(args) -> None:
             "--export-hf needs PP=1: convert the saved student with "
             "checkpoint_tools/convert_checkpoint.py"
         )
+    if args.student_load:
+        given = [f for f in ("preset", *STUDENT_SHAPE) if getattr(args, "student_" + f, None)]
+        if args.student_init != "random" or given:
+            flags = [f"--student-{f.replace('_', '-')}" for f in given] or ["--student-init"]
+            raise ValueError(f"--student-load brings the student's shape and weights: drop "
+                             f"{', '.join(flags)}")  # fmt: skip
     for flag in ("preset", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
         if getattr(args, flag, None) is not None:
             name = flag.replace("_", "-")
@@ -161,16 +183,19 @@ def _run(args: argparse.Namespace, exit_signal=None) -> Progress:
     dtype = _dtype(ds_config)
     cache = None
     if args.teacher_cache:
+        from mtnlg.distillation.cache_student import cache_loss, describe
+
         try:
-            cache, cache_tok = open_cache(args.teacher_cache)
+            cache, cache_tok = open_cache(args.teacher_cache, kd.temperature)
+            cache_kd_loss = cache_loss(cache, kd, args.cache_kd_loss)
         except CacheError as e:
             raise SystemExit(f"error: {e}") from None
         teacher = Teacher(ModelConfig.from_dict(cache.spec.teacher["model"]), None, cache_tok)
         if topo.rank == 0:
             print(
-                f"teacher cache {args.teacher_cache}: {cache.spec.num_samples} samples, top-"
-                f"{cache.spec.top_k} ({cache.spec.dtype}) holding {topk_mass(cache):.1%} of the "
-                "teacher's probability on average",
+                f"teacher cache {args.teacher_cache}: {cache.spec.num_samples} samples, "
+                f"{describe(cache)}, the top-k holding {topk_mass(cache):.1%} of the teacher's "
+                f"probability at T = {kd.temperature:g} on average; loss {cache_kd_loss}",
                 flush=True,
             )
     else:
@@ -185,16 +210,14 @@ def _run(args: argparse.Namespace, exit_signal=None) -> Progress:
             model_cfg = ModelConfig.from_dict(saved["model"])
             tok_dir = Path(args.load) / saved["tag"] / "tokenizer"
             tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else _tokenizer(args, teacher)
+        elif args.student_load:
+            tokenizer = _tokenizer(args, teacher)
+            model_cfg = student_load_config(args.student_load, args)
         else:
             tokenizer = _tokenizer(args, teacher)
             model_cfg = student_config(args, teacher.cfg)
         check_same_vocab(model_cfg, teacher.cfg, tokenizer)
-        dims.validate_model(
-            num_layers=model_cfg.num_layers,
-            hidden_size=model_cfg.hidden_size,
-            num_attention_heads=model_cfg.num_attention_heads,
-            vocab_size=model_cfg.padded_vocab_size(dims.tp),
-        )
+        dims.validate_config(model_cfg)
         init_layers = None
         if args.student_init == "teacher-layers" and not resumed:
             init_layers = parse_init_layers(
@@ -214,11 +237,15 @@ def _run(args: argparse.Namespace, exit_signal=None) -> Progress:
 
     if cache is not None:
         datasets = (CachedSamples(datasets[0], cache), *datasets[1:])
-        engine = build_cache_student_engine(model_cfg, topo, ds_config, kd, args)
+        engine = build_cache_student_engine(
+            model_cfg, topo, ds_config, kd, args, cache_kd_loss,
+            load=None if resumed else args.student_load, sampled_k=cache.spec.sampled_k,
+        )  # fmt: skip
     else:
         engine = build_student_engine(
-            model_cfg, topo, ds_config, kd, teacher.model, init_layers, args=args
-        )
+            model_cfg, topo, ds_config, kd, teacher.model, init_layers, args=args,
+            load=None if resumed else args.student_load,
+        )  # fmt: skip
     progress = Progress()
     if resumed:
         verify = not args.no_verify_checkpoint_hash
@@ -231,11 +258,14 @@ def _run(args: argparse.Namespace, exit_signal=None) -> Progress:
         "teacher": str(args.teacher or cache.spec.teacher["path"]),
         "teacher_cache": args.teacher_cache,
         "top_k": None if cache is None else cache.spec.top_k,
+        "sampled_k": None if cache is None else cache.spec.sampled_k,
         "teacher_model": teacher.cfg.to_dict(),
         "kd_temperature": kd.temperature,
         "kd_alpha": kd.alpha,
         "kd_loss": kd.mode,
-        "student_init": args.student_init,
+        "cache_kd_loss": None if cache is None else cache_kd_loss,
+        "student_init": "load" if args.student_load else args.student_init,
+        "student_load": args.student_load,
         "student_init_layers": init_layers,
     }
     loop = loop_config(args, batch, model_cfg.seq_length, train_iters)
@@ -253,8 +283,9 @@ def _run(args: argparse.Namespace, exit_signal=None) -> Progress:
     return progress
 
 
-def build_student_engine(cfg, topo, ds_config, kd, teacher, init_layers, *, args):
-    """``setup.build_engine`` for PP=1 with the distillation student (teacher attached)."""
+def build_student_engine(cfg, topo, ds_config, kd, teacher, init_layers, *, args, load=None):
+    """``setup.build_engine`` for PP=1 with the distillation student (teacher attached);
+    ``load``: a checkpoint whose weights start the student (``--student-load``)."""
     import deepspeed
 
     from mtnlg.tensor_parallel.random import model_parallel_seed
@@ -264,6 +295,8 @@ def build_student_engine(cfg, topo, ds_config, kd, teacher, init_layers, *, args
     model = DistillStudent(cfg, tp_group=topo.tp_group, seed=args.seed, kd=kd)
     if init_layers is not None:
         init_from_teacher_layers(model, teacher, init_layers)
+    if load is not None:
+        load_student_weights(model, load, cfg, topo)
     model.attach_teacher(teacher)
     if args.checkpoint_activations:
         model.checkpoint_fn = deepspeed.checkpointing.checkpoint

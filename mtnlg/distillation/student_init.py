@@ -65,6 +65,10 @@ def student_config(args, teacher: ModelConfig) -> ModelConfig:
             f"the student's --num-query-groups {fields['num_query_groups']} does not divide its "
             f"{fields['num_attention_heads']} heads: give --num-query-groups"
         )
+    # per-head channels: --kv-channels, else the teacher's when heads and width are its own
+    same_heads = all(fields[k] == getattr(teacher, k) for k in STUDENT_SHAPE[1:3])
+    kv = getattr(args, "kv_channels", None)
+    fields["kv_channels"] = kv if kv is not None else (teacher.kv_channels if same_heads else None)
     extra = {"distilled_from": teacher.extra.get("preset", "teacher")}
     if "hf_architecture" in teacher.extra and _same_architecture(fields, teacher):
         extra["hf_architecture"] = teacher.extra["hf_architecture"]  # exported as that family
@@ -121,6 +125,7 @@ def check_teacher_layers_compatible(student: ModelConfig, teacher: ModelConfig) 
     """``--student-init teacher-layers`` copies blocks verbatim: widths and architecture must be
     the teacher's."""
     keys = ("hidden_size", "num_attention_heads", "ffn_hidden_size", "max_position_embeddings")
+    keys += ("head_dim",)
     diff = [
         f"{k} {getattr(student, k)} vs teacher {getattr(teacher, k)}"
         for k in keys + STUDENT_ARCH
@@ -149,3 +154,57 @@ def init_from_teacher_layers(student, teacher, layers: list[int]) -> None:
         src_state = src.state_dict()
         for name, t in dst.state_dict().items():
             t.copy_(src_state[name].to(t.dtype))
+
+
+def student_load_config(path: str, args) -> ModelConfig:
+    """``--student-load``: the checkpoint's config (e.g. ``prune.py``'s output), with the run's
+    ``--seq-length`` and dropout flags applied as to any loaded model."""
+    import dataclasses
+
+    from mtnlg.checkpoint.deepspeed_layout import resolve_dir
+    from mtnlg.checkpoint.rules import CheckpointError
+
+    try:
+        import json
+
+        meta = json.loads((resolve_dir(path) / "mtnlg_meta.json").read_text())
+        cfg = ModelConfig.from_dict(meta["model"])
+    except (CheckpointError, OSError, KeyError, ValueError) as e:
+        raise ValueError(f"--student-load {path}: {e}") from None
+    changes = {k: getattr(args, k) for k in STUDENT_TRAIN[:3] if getattr(args, k, None) is not None}
+    seq = changes.get("seq_length", cfg.seq_length)
+    if seq > cfg.max_position_embeddings:
+        raise ValueError(f"--seq-length {seq} exceeds the --student-load model's "
+                         f"{cfg.max_position_embeddings} positions")  # fmt: skip
+    return dataclasses.replace(cfg, **changes)
+
+
+@torch.no_grad()
+def load_student_weights(model, path: str, cfg: ModelConfig, topo) -> None:
+    """Copy this rank's shards of the checkpoint at ``path`` (saved at any TP x PP) into
+    ``model`` (``GPTModel`` or ``GPTPipe`` at ``topo``'s layout), one layer group at a time:
+    only the groups this pipeline stage holds are read and merged."""
+    from mtnlg.checkpoint import rules
+    from mtnlg.checkpoint.deepspeed_layout import DSCheckpoint, engine_name
+    from mtnlg.checkpoint.rules import CheckpointError
+
+    ckpt = DSCheckpoint(path)
+    params = dict(model.named_parameters())
+    loaded = set()
+    for group in rules.layer_groups(cfg):
+        keys = {n: engine_name(n, cfg, topo.pp) for n in rules.group_names(group, cfg)}
+        if not any(k in params for k in keys.values()):
+            continue  # another stage's
+        for name, full in ckpt.full_group(group).items():
+            key = keys[name]
+            if key not in params:
+                continue
+            shard = rules.shard_tensor(name, full, cfg, topo.tp, topo.tp_rank)
+            if shard.shape != params[key].shape:
+                raise CheckpointError(f"--student-load {path}: {name} {tuple(shard.shape)} does "
+                                      f"not fit the student's {tuple(params[key].shape)}")  # fmt: skip
+            params[key].copy_(shard)
+            loaded.add(key)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise CheckpointError(f"--student-load {path}: no weights for {missing[:4]}")

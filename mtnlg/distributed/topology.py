@@ -67,14 +67,16 @@ class ParallelDims:
         hidden_size: int,
         num_attention_heads: int,
         vocab_size: int | None = None,
+        kv_channels: int | None = None,
     ) -> None:
-        """Refuse a model shape that cannot be split over this layout."""
+        """Refuse a model shape that cannot be split over this layout (``kv_channels``: the
+        head dim when it is not hidden / heads)."""
         if num_attention_heads % self.tp != 0:
             raise ParallelConfigError(
                 f"--num-attention-heads ({num_attention_heads}) is not divisible by "
                 f"--tensor-model-parallel-size ({self.tp})"
             )
-        if hidden_size % num_attention_heads != 0:
+        if kv_channels is None and hidden_size % num_attention_heads != 0:
             raise ParallelConfigError(
                 f"--hidden-size ({hidden_size}) is not divisible by "
                 f"--num-attention-heads ({num_attention_heads})"
@@ -94,6 +96,16 @@ class ParallelDims:
                 f"--pipeline-model-parallel-size ({self.pp}) exceeds --num-layers "
                 f"({num_layers}): a stage would hold no transformer layer"
             )
+
+    def validate_config(self, cfg) -> None:
+        """:meth:`validate_model` for a ``ModelConfig`` (vocabulary padded for this TP)."""
+        self.validate_model(
+            num_layers=cfg.num_layers,
+            hidden_size=cfg.hidden_size,
+            num_attention_heads=cfg.num_attention_heads,
+            vocab_size=cfg.padded_vocab_size(self.tp),
+            kv_channels=cfg.kv_channels,
+        )
 
     # Rank math, same axis order as DeepSpeed's PipeModelDataParallelTopology(pipe, data, model).
     def coords(self, rank: int) -> tuple[int, int, int]:

@@ -51,12 +51,7 @@ def predict(args) -> list[str]:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     try:
         dims = ParallelDims(world_size=dist.get_world_size(), tp=tp, pp=pp)
-        dims.validate_model(
-            num_layers=cfg.num_layers,
-            hidden_size=cfg.hidden_size,
-            num_attention_heads=cfg.num_attention_heads,
-            vocab_size=cfg.padded_vocab_size(tp),
-        )
+        dims.validate_config(cfg)
     except ParallelConfigError as e:
         raise SystemExit(f"error: {e}") from None
     examples = on_rank0(lambda: read_inputs(args, tokenizer, seq))

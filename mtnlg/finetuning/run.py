@@ -57,12 +57,7 @@ def run(argv: list[str] | None = None, description: str = __doc__):
 def _layout(args, start: Start) -> ParallelDims:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     cfg = start.cfg
-    ParallelDims(world_size=tp * pp, tp=tp, pp=pp).validate_model(
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        num_attention_heads=cfg.num_attention_heads,
-        vocab_size=cfg.padded_vocab_size(tp),
-    )
+    ParallelDims(world_size=tp * pp, tp=tp, pp=pp).validate_config(cfg)
     return ParallelDims(world_size=dist.get_world_size(), tp=tp, pp=pp)
 
 

@@ -200,6 +200,7 @@ class ParallelAttention(nn.Module):
         super().__init__()
         tp = _group_size(tp_group)
         h, nh, d = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+        a = cfg.attention_dim  # nh x hd: h, unless --kv-channels says otherwise
         if nh % tp:
             raise ValueError(f"--num-attention-heads ({nh}) is not divisible by the TP size ({tp})")
         self.heads_local = nh // tp
@@ -212,7 +213,7 @@ class ParallelAttention(nn.Module):
             # Global layout [q | k | v] (as Hugging Face GPT-2); stride 3 gives each rank
             # [q_local | k_local | v_local] for its own heads.
             self.qkv = ColumnParallelLinear(
-                h, 3 * h, tp_group=tp_group, stride=3, bias=cfg.qkv_bias,
+                h, 3 * a, tp_group=tp_group, stride=3, bias=cfg.qkv_bias,
                 init_method=normal_init(std), **sp,
             )  # fmt: skip
             self.kv_heads_local = self.heads_local
@@ -223,7 +224,7 @@ class ParallelAttention(nn.Module):
             )  # fmt: skip
             self.kv_heads_local = self.qkv.groups_local
         self.dense = RowParallelLinear(
-            h, h, tp_group=tp_group, bias=cfg.add_bias_linear,
+            a, h, tp_group=tp_group, bias=cfg.add_bias_linear,
             init_method=normal_init(std / math.sqrt(2 * cfg.num_layers)), **sp,
         )  # fmt: skip
 
@@ -235,7 +236,7 @@ class ParallelAttention(nn.Module):
         if isinstance(self.qkv, GQAQKVLinear):
             q, k, v = self.qkv.split_heads(qkv)
         else:
-            q, k, v = qkv.chunk(3, dim=-1)  # each (b, s, h/tp)
+            q, k, v = qkv.chunk(3, dim=-1)  # each (b, s, nh/tp x hd)
             q, k, v = (
                 t.view(b, s, self.heads_local, self.head_dim).transpose(1, 2) for t in (q, k, v)
             )
@@ -247,7 +248,7 @@ class ParallelAttention(nn.Module):
         return q, k, v
 
     def attend(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """q (b, nh/tp, s, hd), k/v (b, kv/tp, T, hd) -> (b, s, h/tp); causal without ``mask``
+        """q (b, nh/tp, s, hd), k/v (b, kv/tp, T, hd) -> (b, s, nh/tp x hd); causal without ``mask``
         (bool (b, 1, s, T), True = may attend)."""
         b, _, s, _ = q.shape
         gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
@@ -264,7 +265,7 @@ class ParallelAttention(nn.Module):
         return y.transpose(1, 2).reshape(b, s, self.heads_local * self.head_dim)
 
     def forward(self, x: torch.Tensor, skip_bias_add: bool = False):
-        y = self.attend(*self.project(x))  # (b, s, h/tp)
+        y = self.attend(*self.project(x))  # (b, s, nh/tp x hd)
         return self.dense(y, skip_bias_add)  # (b, s, h), all-reduced (+ the bias, or apart)
 
 

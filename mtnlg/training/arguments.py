@@ -30,6 +30,7 @@ MODEL_FLAGS = {
     "normalization": "--normalization",
     "swiglu": "--swiglu",
     "num_query_groups": "--num-query-groups",
+    "kv_channels": "--kv-channels",
     "untie_embeddings_and_output_weights": "--untie-embeddings-and-output-weights",
     "add_bias_linear": "--disable-bias-linear",
     "add_qkv_bias": "--add-qkv-bias",
@@ -68,6 +69,9 @@ def add_architecture_args(g) -> None:
     g.add_argument("--swiglu", const=True, help="SwiGLU MLP (gate and up fused)", **flag)
     g.add_argument(
         "--num-query-groups", type=int, help="key/value groups for GQA (1: MQA; default: MHA)"
+    )
+    g.add_argument(
+        "--kv-channels", type=int, help="channels per attention head (default: hidden / heads)"
     )
     g.add_argument(
         "--untie-embeddings-and-output-weights", const=True,

@@ -101,12 +101,7 @@ def _run(args: argparse.Namespace, exit_signal: ExitSignalHandler | None = None)
         model_cfg, tokenizer, saved = resolve_model_and_tokenizer(args)
         apply_sequence_parallel(args, model_cfg)
         # the model against TP/PP first (needs no world), then the world itself
-        ParallelDims(world_size=tp * pp, tp=tp, pp=pp).validate_model(
-            num_layers=model_cfg.num_layers,
-            hidden_size=model_cfg.hidden_size,
-            num_attention_heads=model_cfg.num_attention_heads,
-            vocab_size=model_cfg.padded_vocab_size(tp),
-        )
+        ParallelDims(world_size=tp * pp, tp=tp, pp=pp).validate_config(model_cfg)
         check_zero_with_pipeline(args)
         check_peak_tflops(args)
         dims = ParallelDims(world_size=dist.get_world_size(), tp=tp, pp=pp)

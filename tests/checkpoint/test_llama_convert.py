@@ -318,7 +318,7 @@ REFUSALS = [
      r"use_sliding_window=True"),
     ("llama", {"attention_bias": True}, None, r"attention_bias=True"),
     ("llama", {"mlp_bias": True}, None, r"mlp_bias=True"),
-    ("llama", {"head_dim": 16}, None, r"head_dim=16"),
+    ("llama", {"head_dim": 16}, None, r"_proj\.weight has shape \(16, 32\), the config .* says \(32, 32\)"),
     ("mistral", {"hidden_act": "gelu"}, None, r"hidden_act='gelu'"),
     ("llama", None, lambda s: s.update({"model.layers.0.self_attn.o_proj.bias": torch.ones(32)}),
      r"unknown Hugging Face key 'model\.layers\.0\.self_attn\.o_proj\.bias'"),

@@ -1,22 +1,28 @@
 """The teacher pass and the student from the cache, end to end (demo corpus, tiny vocabulary).
 
 The teacher is a 2-layer Hugging Face GPT-2 folder (random, wide initialisation so its top-k
-is well separated) read through the converter; the cache holds 32 samples in 4 chunks.
+is well separated) read through the converter; the cache holds 32 samples in 4 chunks and the
+teacher's log-sum-exp at T = 1 and 2 (``--kd-temperature 2 1``).
 
+* each stored log-sum-exp is the teacher's log sum exp(z / T) over its vocabulary, computed
+  directly from ``transformers``' logits for the same samples, and the ids its top-k;
 * the cache written at TP2 x PP2 equals the one written at TP1 (ids equal, values 1e-5);
 * a write stopped after one chunk per DP rank (2 processes through the real `deepspeed`
   launcher, `distill.py cache`) and resumed by one process is byte-identical to the
   uninterrupted TP1 write;
-* a student at TP2 x PP2 (pipeline engine, 4 micro-batches) from the cache equals a student at
-  TP1 from it: losses and gradient norms of every iteration and the merged final weights
-  (clipping off, Adam eps 1e-4, as ``tests/e2e/test_equivalence.py``);
-* a cache for other data (another --seed) is refused, naming both values.
+* a student at T = 2, TP2 x PP2 (pipeline engine, 4 micro-batches) from the cache equals a
+  student at TP1 from it: losses and gradient norms of every iteration and the merged final
+  weights (clipping off, Adam eps 1e-4, as ``tests/e2e/test_equivalence.py``);
+* a cache for other data (another --seed) is refused, naming both values; a student at a
+  temperature the cache lacks (`distill.py --kd-temperature 3`) exits non-zero before training,
+  naming the flag, the cache and the temperatures it holds.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -31,6 +37,7 @@ from tests.helpers.dist import deepspeed_cmd, run_distributed
 _demo_data = e2e.demo_prefix  # the e2e session fixture, registered here
 
 SEQ, K, SAMPLES, CHUNK = 16, 16, 32, 8
+TEMPS = ["2", "1"]  # the teacher pass sorts them: header [1.0, 2.0]
 
 
 @pytest.fixture(scope="module")
@@ -53,18 +60,18 @@ def cache_args(prefix, teacher, out, tp=1, pp=1, extra=()):
         "--data-path", prefix, "--split", "95,5,0", "--seed", "11", "--seq-length", str(SEQ),
         "--global-batch-size", "8", "--train-iters", str(SAMPLES // 8),
         "--vocab-file", str(TINY_VOCAB), "--merge-file", str(TINY_MERGES),
-        "--micro-batch-size", "4", "--no-progress",
+        "--micro-batch-size", "4", "--no-progress", "--kd-temperature", *TEMPS,
         "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
         *extra,
     ]  # fmt: skip
 
 
-def student_args(prefix, cache, out, tp=1, pp=1, seed=11):
+def student_args(prefix, cache, out, tp=1, pp=1, seed=11, temperature="2.0"):
     return [
         "--teacher-cache", str(cache),
         "--student-num-layers", "2", "--student-hidden-size", "32",
         "--student-num-attention-heads", "4",
-        "--kd-temperature", "2.0", "--kd-alpha", "0.5",
+        "--kd-temperature", temperature, "--kd-alpha", "0.5",
         "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
         "--seq-length", str(SEQ), "--micro-batch-size", "2", "--global-batch-size", "8",
         "--train-iters", str(SAMPLES // 8), "--lr", "2e-3", "--clip-grad", "0",
@@ -187,3 +194,39 @@ def test_cache_for_other_data_is_refused(_demo_data, tp1_cache, tmp_path):
     argv = student_args(_demo_data, tp1_cache, tmp_path, seed=12)
     (err,) = run_distributed(_distill, 1, args=(argv,), timeout=120, start_method="forkserver")
     assert err is not None and "dataset seed 11 in the cache vs 12 for the student" in err
+
+
+@pytest.mark.timeout(300)
+def test_cache_holds_the_teachers_lse_at_each_temperature(_demo_data, teacher, tp1_cache):
+    from transformers import GPT2LMHeadModel
+
+    from mtnlg.distillation.cache_write import build_parser
+    from mtnlg.training.data import build_datasets
+
+    assert CacheSpec.read(tp1_cache).temperatures == (1.0, 2.0)
+    args = build_parser().parse_args(cache_args(_demo_data, teacher, tp1_cache))
+    train = build_datasets(args, SEQ, (SAMPLES, 0, 0), args.seed)[0]
+    tokens = torch.stack([torch.as_tensor(train[i]["text"][:-1]) for i in range(SAMPLES)])
+    model = GPT2LMHeadModel.from_pretrained(teacher).eval()
+    with torch.no_grad():
+        logits = model(tokens.long()).logits  # (n, s, 5000): the samples the cache is for
+    for t in (1.0, 2.0):
+        ids, values, lse = TeacherCache(tp1_cache, temperature=t).get(range(SAMPLES))
+        torch.testing.assert_close(lse, (logits / t).logsumexp(dim=-1), rtol=1e-5, atol=1e-4)
+    assert torch.equal(ids, logits.topk(K, dim=-1).indices.sort(dim=-1).values)
+    torch.testing.assert_close(values, logits.gather(-1, ids), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.timeout(300)
+def test_student_at_a_temperature_the_cache_lacks_is_refused(_demo_data, tp1_cache, tmp_path):
+    argv = student_args(_demo_data, tp1_cache, tmp_path, temperature="3")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "mtnlg" / "distill.py"), *argv]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    want = (
+        f"error: --kd-temperature 3: the teacher cache {tp1_cache} holds the teacher's "
+        "log-sum-exp at T = 1, 2 only"
+    )
+    assert want in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "metrics.jsonl").exists()

@@ -1,8 +1,8 @@
 """The cache's format and loss, in one process (no launcher).
 
-* With k = the whole vocabulary, KD from the cache (written to disk and read back, fp32) gives
-  the online KD's loss and every student gradient (``DistillStudent`` with the teacher attached
-  is the reference), so a smaller k only truncates.
+* With k = the whole vocabulary, KD from the cache (written to disk and read back, fp32, the
+  teacher's log-sum-exp at T = 1 and 2) gives the online KD's loss at T = 2 and every student
+  gradient (``DistillStudent`` with the teacher attached is the reference).
 * A truncated, corrupt or foreign cache is refused with a message naming the file or both values.
 """
 
@@ -41,7 +41,7 @@ STUDENT = ModelConfig(
 )  # fmt: skip
 
 
-def _spec(k: int, dtype: str = "fp32", n: int = B, chunk: int = 2) -> CacheSpec:
+def _spec(k: int, dtype: str = "fp32", n: int = B, chunk: int = 2, temps=(1.0,)) -> CacheSpec:
     return CacheSpec(
         teacher={"path": "t", "model": TEACHER.to_dict()},
         tokenizer_sha256="0" * 64,
@@ -51,20 +51,22 @@ def _spec(k: int, dtype: str = "fp32", n: int = B, chunk: int = 2) -> CacheSpec:
         seq_length=S,
         dataset={"prefixes": [], "split": "1,0,0", "seed": 1, "num_samples": n},
         chunk_samples=chunk,
+        temperatures=temps,
     )
 
 
-def _write_cache(directory, teacher, tokens, k, dtype="fp32", chunk=2) -> TeacherCache:
-    spec = _spec(k, dtype, len(tokens), chunk)
+def _write_cache(directory, teacher, tokens, k, dtype="fp32", chunk=2, temps=(1.0,)):
+    """The cache of ``teacher`` on ``tokens``, read back at the last of ``temps``."""
+    spec = _spec(k, dtype, len(tokens), chunk, temps)
     assert init_cache_dir(directory, spec) == list(range(spec.num_chunks))
     with torch.no_grad():
         logits = teacher(tokens)  # (n, s, V_padded), padding at -inf
     values, ids = vocab_parallel_topk(logits, k)
-    lse = vocab_parallel_lse(logits)
+    lse = torch.stack([vocab_parallel_lse(logits, None, t) for t in spec.temperatures], -1)
     for c in range(spec.num_chunks):
         rows = slice(c * chunk, c * chunk + spec.chunk_rows(c))
         write_chunk(directory, spec, c, values[rows].numpy(), ids[rows].numpy(), lse[rows].numpy())
-    return TeacherCache(directory)
+    return TeacherCache(directory, temperature=temps[-1])
 
 
 @pytest.mark.parametrize("mode", ["forward-kl", "reverse-kl"])
@@ -73,7 +75,11 @@ def test_full_vocab_cache_equals_online_kd(tmp_path, mode):
     g = torch.Generator().manual_seed(0)
     text = torch.randint(0, V, (B, S + 1), generator=g)
     tokens, labels = text[:, :-1], text[:, 1:]
-    cache = _write_cache(tmp_path, teacher, tokens, k=V)
+    cache = _write_cache(tmp_path, teacher, tokens, k=V, temps=(2.0, 1.0))  # read at T = 1
+    _, values1, lse1 = cache.get(range(B))
+    mass1 = (values1 - lse1.unsqueeze(-1)).exp().sum(-1)  # the T = 1 column: the T = 1 mass
+    torch.testing.assert_close(mass1, torch.ones_like(mass1), rtol=1e-5, atol=1e-5)
+    cache = TeacherCache(tmp_path, temperature=2.0)  # the student's
     top_ids, values, lse = cache.get(range(B))
     assert top_ids.shape == (B, S, V) and (top_ids.sort(-1).values == torch.arange(V)).all()
 
@@ -91,8 +97,8 @@ def test_full_vocab_cache_equals_online_kd(tmp_path, mode):
     torch.testing.assert_close(loss_cache, loss_online, rtol=1e-5, atol=1e-6)
     for n, p in student.named_parameters():
         torch.testing.assert_close(p.grad, grads_online[n], rtol=1e-5, atol=1e-6, msg=n)
-    # the cached log-sum-exp is the teacher's full-vocabulary normaliser: top-V mass is 1
-    mass = (values - lse.unsqueeze(-1)).exp().sum(-1)
+    # the cached log-sum-exp is the teacher's full-vocabulary normaliser of z / T: mass 1
+    mass = (values / 2.0 - lse.unsqueeze(-1)).exp().sum(-1)
     torch.testing.assert_close(mass, torch.ones_like(mass), rtol=1e-5, atol=1e-5)
 
 

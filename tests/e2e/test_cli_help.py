@@ -20,6 +20,8 @@ ENTRY_POINTS = [
     ([str(ROOT / "mtnlg" / "pretrain.py")], "--tensor-model-parallel-size"),
     ([str(ROOT / "mtnlg" / "evaluate.py")], "--text-file"),
     ([str(ROOT / "mtnlg" / "distill.py")], "--teacher"),
+    ([str(ROOT / "mtnlg" / "distill.py")], "--student-load"),
+    ([str(ROOT / "mtnlg" / "prune.py")], "--target-params"),
     ([str(ROOT / "mtnlg" / "generate.py")], "--prompts-file"),
     (["-m", "mtnlg.inference.server"], "--port"),
     ([str(ROOT / "mtnlg" / "inference" / "server.py")], "--host"),

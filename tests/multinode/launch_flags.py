@@ -30,6 +30,7 @@ RECORDED = ("deepspeed", "mpirun", "srun", "torchrun", "python", "python3", "cat
 
 def _entry_parsers() -> dict[str, Callable]:
     """Entry script -> the parser its ``run()`` parses with (the real one, not a copy)."""
+    from mtnlg.compression.run import build_parser as prune_parser
     from mtnlg.distillation.driver import build_distill_parser
     from mtnlg.evaluation.run import build_parser as eval_parser
     from mtnlg.finetuning.arguments import build_finetune_parser
@@ -42,6 +43,7 @@ def _entry_parsers() -> dict[str, Callable]:
         "mtnlg/generate.py": lambda: generate_parser("generate"),
         "mtnlg/finetune.py": lambda: build_finetune_parser("finetune"),
         "mtnlg/distill.py": lambda: build_distill_parser("distill"),
+        "mtnlg/prune.py": lambda: prune_parser("prune"),
     }
 
 

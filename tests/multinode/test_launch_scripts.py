@@ -26,7 +26,8 @@ CASES = {
             ("python", "mtnlg.plot"),
             ("deepspeed", "mtnlg/pretrain.py"),
             ("deepspeed", "mtnlg/evaluate.py"),
-            ("deepspeed", "mtnlg/distill.py"),  # demo_distill.sh, which demo.sh runs
+            ("deepspeed", "mtnlg/prune.py"),  # demo_distill.sh, which demo.sh runs
+            ("deepspeed", "mtnlg/distill.py"),  # demo_distill.sh
             ("deepspeed", "mtnlg/generate.py"),
             ("deepspeed", "mtnlg/finetune.py"),
         },
