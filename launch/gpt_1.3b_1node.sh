@@ -59,5 +59,7 @@ exec deepspeed --num_gpus "$NUM_GPUS" mtnlg/pretrain.py \
   --log-interval 10 \
   --tensorboard-dir "$SAVE_DIR/tensorboard" \
   --metrics-file "$SAVE_DIR/metrics.jsonl" \
+  --keep-last 3 \
+  --exit-signal-handler \
   --deepspeed --deepspeed_config "$DS_CONFIG" \
   "$@"

@@ -90,6 +90,15 @@ IO_ARGS=(
   --log-interval 1
   --tensorboard-dir "$TB_DIR"
   --metrics-file "$SAVE_DIR/metrics.jsonl"
+  --keep-last 3                    # each ~7.4 TB: bf16 weights + fp32 masters and Adam moments
+)
+
+# Faults (docs/faults.md): on SIGTERM (the SLURM batch file forwards it before the time limit)
+# finish the iteration, save, exit 0; stop after 10 non-finite steps in a row.
+FAULT_ARGS=(
+  --exit-signal-handler
+  --exit-signal SIGTERM
+  --max-consecutive-nonfinite 10
 )
 
 LAUNCHER_ARGS=(--hostfile "$HOSTFILE")
@@ -100,6 +109,6 @@ fi
 mkdir -p "$SAVE_DIR"
 exec deepspeed "${LAUNCHER_ARGS[@]}" mtnlg/pretrain.py \
   "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${BATCH_ARGS[@]}" "${OPT_ARGS[@]}" \
-  "${DATA_ARGS[@]}" "${IO_ARGS[@]}" \
+  "${DATA_ARGS[@]}" "${IO_ARGS[@]}" "${FAULT_ARGS[@]}" \
   --deepspeed --deepspeed_config "$DS_CONFIG" \
   "$@"

@@ -15,11 +15,24 @@ if __name__ == "__main__":  # run as a file by the launchers: import the package
     sys.path = [p for p in sys.path if os.path.abspath(p or ".") != here]
     sys.path.insert(0, os.path.dirname(here))
 
-from mtnlg.training.pretrain import run  # noqa: E402
+from mtnlg.evaluation.tasks import TRAINING_TASKS  # noqa: E402
+from mtnlg.training.pretrain import build_pretrain_parser  # noqa: E402
+from mtnlg.training.pretrain import run as _run_training  # noqa: E402
+
+
+def build_parser(description: str = __doc__):
+    """This entry's parser: the training flags plus the zero-shot ``--eval-tasks``."""
+    return build_pretrain_parser(description, eval_tasks=TRAINING_TASKS)
+
+
+def run(argv: list[str] | None = None):
+    """Pretraining with the evaluation tasks wired into the loop (the entry does the wiring, so
+    ``mtnlg.training`` never imports ``mtnlg.evaluation``)."""
+    return _run_training(argv, description=__doc__, eval_tasks=TRAINING_TASKS)
 
 
 def main() -> None:
-    run(description=__doc__)
+    run()
 
 
 if __name__ == "__main__":

@@ -14,8 +14,12 @@ Files of one tag (DeepSpeed's names; "mp rank" = pp_stage * tp + tp_rank)::
 
 ZeRO keeps, per stage and TP rank, two flat fp32 groups (weight decay: 2-D parameters; no
 decay: the rest), parameters concatenated in module order, padded to a multiple of 2 x DP and
-cut into DP equal partitions. Everything we read is loaded with ``weights_only=True`` and
-``mmap=True`` (only the bytes of the layer being converted are paged in).
+cut into DP equal partitions. Everything this module reads is loaded with ``weights_only=True``
+(the allow-list of DeepSpeed types in ``safe_engine.ALLOWED``) and ``mmap=True`` (only the bytes
+of the layer being converted are paged in): the converter, ``load_full_state`` (``finetune.py
+--load``, distillation teachers and ``--student-load``) and inference. DeepSpeed's own loads
+(``pretrain.py``/``evaluate.py``/``distill.py --load``) go through ``safe_engine`` to the same
+allow-list: no checkpoint file is unpickled with ``weights_only=False``.
 
 Integrity (``integrity.py``): opening a checkpoint checks that every file its manifest lists is
 there with its size; each file's SHA-256 is checked the first time :meth:`DSCheckpoint.read`
@@ -27,7 +31,6 @@ converter, before it writes anything).
 from __future__ import annotations
 
 import json
-import pickle
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -43,22 +46,17 @@ from mtnlg.config import ModelConfig
 META = "mtnlg_meta.json"
 
 
-def _safe_globals() -> list:
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
 def safe_load(path: Path) -> Any:
-    """``torch.load(weights_only=True, mmap=True)``; a clear error for missing/truncated files."""
+    """``torch.load(weights_only=True, mmap=True)`` (``safe_engine.safe_torch_load``); a clear
+    error for missing/truncated files and for a type outside the allow-list
+    (``safe_engine.UnsafeCheckpointError``)."""
+    from mtnlg.checkpoint.safe_engine import safe_torch_load
+
     if not path.is_file():
         raise CheckpointError(f"{path}: missing shard file")
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
+        return safe_torch_load(path, "cpu", mmap=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(
             f"{path}: cannot read ({str(e).splitlines()[0]}); truncated?"
         ) from None

@@ -229,6 +229,14 @@ def describe(exc: BaseException, where: str | None = None) -> str:
     return f"{e.filename or where or '?'}: {name} ({e.strerror})"
 
 
+def guard_load(engine, tag_dir: Path, load_dir) -> None:
+    """Before DeepSpeed loads ``tag_dir`` into ``engine`` (every rank): its files checked with
+    ``weights_only=True`` and the engine's loads made safe (``safe_engine.guard_load``)."""
+    from mtnlg.checkpoint.safe_engine import guard_load as guard
+
+    guard(engine, tag_dir, load_dir)
+
+
 class WriteGuard:
     """Records the first failed write of this rank and skips the writes after it, so that
     DeepSpeed's ``save_checkpoint`` runs its collectives to the end on every rank; the ranks

@@ -91,7 +91,7 @@ class KDLabels(tuple):
     """(labels (b, s), top-k ids (b, s, k) int64, top-k teacher logits (b, s, k), teacher
     log-sum-exp at the student's T (b, s)).
 
-    A tuple: DeepSpeed's pipeline engine, and ``mtnlg.training.loop.to_device`` for the plain
+    A tuple: DeepSpeed's pipeline engine, and ``mtnlg.training.forward.to_device`` for the plain
     engine, move each element to the device."""
 
 

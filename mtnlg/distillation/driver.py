@@ -38,8 +38,13 @@ from mtnlg.distillation.teacher import Teacher, load_teacher
 from mtnlg.distributed.init import current_device
 from mtnlg.distributed.topology import ParallelConfigError, ParallelDims, Topology
 from mtnlg.presets import preset_names
-from mtnlg.training import checkpointing
-from mtnlg.training.arguments import add_exit_signal_args, apply_kernel_flags, build_parser
+from mtnlg.training import checkpointing, resume
+from mtnlg.training.arguments import (
+    add_exit_signal_args,
+    add_resume_args,
+    apply_kernel_flags,
+    build_parser,
+)
 from mtnlg.training.data import build_datasets, check_data_path
 from mtnlg.training.loop import Progress, train
 from mtnlg.training.metrics import MetricsLogger
@@ -95,6 +100,7 @@ def add_distill_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def build_distill_parser(description: str) -> argparse.ArgumentParser:
     p = build_parser(description)
     add_exit_signal_args(p)
+    add_resume_args(p)
     return add_distill_args(p)
 
 
@@ -132,6 +138,25 @@ def _check_flags(args) -> None:
         if getattr(args, flag, None) is not None:
             name = flag.replace("_", "-")
             raise ValueError(f"--{name} is ambiguous in distillation: use --student-{name}")
+
+
+def _check_resume(args, dims, batch, ds_config, schedule, train_iters):
+    """(resuming?, policy): a ``--load`` of the student's own checkpoint is checked against the
+    flags (``mtnlg.training.resume``) before the teacher loads, the student's model flags given
+    explicitly (``--student-*`` shape, the ordinary architecture flags) included."""
+    from mtnlg.config import ModelConfig
+
+    policy = resume.Policy.from_args(args)
+    if not resume.checkpoint_in(args, dist.get_rank()):
+        return False, policy
+    saved = checkpointing.read_meta(args.load)
+    cfg = resume.resumed_config(ModelConfig.from_dict(saved["model"]), args)
+    now = checkpoint_meta(args, cfg, dims, batch, ds_config, schedule, train_iters)
+    given = resume.given_model_flags(args, saved["model"])
+    for k in STUDENT_SHAPE:
+        if getattr(args, "student_" + k, None) is not None:
+            given[k] = (f"--student-{k.replace('_', '-')}", getattr(args, "student_" + k))
+    return True, resume.enforce(args, saved, now, given, schedule, dist.get_rank())
 
 
 def _tokenizer(args, teacher):
@@ -176,6 +201,7 @@ def _run(args: argparse.Namespace, exit_signal=None) -> Progress:
         ramp, train_iters, schedule = schedules(args, batch, dims)
         ds_config = resolve_ds_config(args, dims, batch)
         check_data_path(args.data_path)
+        resumed, policy = _check_resume(args, dims, batch, ds_config, schedule, train_iters)
     except (ParallelConfigError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -201,13 +227,12 @@ def _run(args: argparse.Namespace, exit_signal=None) -> Progress:
     else:
         teacher = load_teacher(args.teacher, topo.tp_group, topo.tp, topo.tp_rank, current_device())
         teacher.model.to(dtype)
-    resumed = bool(args.load) and (Path(args.load) / "latest").is_file()
     try:
         if resumed:  # the student's shape and tokenizer come from its own checkpoint
             from mtnlg.data.tokenizer import load_tokenizer
 
             saved = checkpointing.read_meta(args.load)
-            model_cfg = ModelConfig.from_dict(saved["model"])
+            model_cfg = resume.resumed_config(ModelConfig.from_dict(saved["model"]), args)
             tok_dir = Path(args.load) / saved["tag"] / "tokenizer"
             tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else _tokenizer(args, teacher)
         elif args.student_load:
@@ -248,12 +273,15 @@ def _run(args: argparse.Namespace, exit_signal=None) -> Progress:
         )  # fmt: skip
     progress = Progress()
     if resumed:
-        verify = not args.no_verify_checkpoint_hash
-        p = checkpointing.load(engine, topo, args.load, verify_hash=verify)["progress"]
-        progress = Progress(p["iteration"], p["consumed_samples"], p["consumed_tokens"])
+        p = checkpointing.load(
+            engine, topo, args.load, load_optimizer=policy.load_optimizer,
+            load_rng=policy.load_rng, verify_hash=not args.no_verify_checkpoint_hash,
+        )["progress"]  # fmt: skip
+        if not policy.finetune:
+            progress = Progress(p["iteration"], p["consumed_samples"], p["consumed_tokens"])
         if topo.rank == 0:
-            print(f"resumed from {args.load} at iteration {progress.iteration}", flush=True)
-    meta = checkpoint_meta(args, model_cfg, dims, batch, ds_config, schedule)
+            print(resume.loaded_message(args.load, p, policy), flush=True)
+    meta = checkpoint_meta(args, model_cfg, dims, batch, ds_config, schedule, train_iters)
     meta["distill"] = {
         "teacher": str(args.teacher or cache.spec.teacher["path"]),
         "teacher_cache": args.teacher_cache,

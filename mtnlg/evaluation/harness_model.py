@@ -253,12 +253,18 @@ class MTNLGLM(TemplateLM):
         bar = tqdm(total=len(mine), desc="generate_until", disable=not self._progress(disable_tqdm))
         results = self._generator.generate(mine, batch_size=self.micro, progress=bar.update)
         bar.close()
-        texts = [r.text for r in results]
-        if topo.dp == 1:
-            return texts
-        shards = [None] * topo.dp
-        dist.all_gather_object(shards, texts, group=topo.dp_group)
-        out = [None] * len(reqs)
-        for d, shard in enumerate(shards):
-            out[d :: topo.dp] = shard
+        texts = [r.text for r in results]  # None: the sampler found the logits unusable
+        out = texts
+        if topo.dp > 1:
+            shards = [None] * topo.dp
+            dist.all_gather_object(shards, texts, group=topo.dp_group)
+            out = [None] * len(reqs)
+            for d, shard in enumerate(shards):
+                out[d :: topo.dp] = shard
+        bad = [i for i, t in enumerate(out) if t is None]
+        if bad:  # every rank holds every text now: all stop here alike
+            raise RuntimeError(
+                f"generate_until: the model's logits were not finite (NaN or inf) for "
+                f"{len(bad)} request(s) (first: #{bad[0]}); no text to score"
+            )
         return out

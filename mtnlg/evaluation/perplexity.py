@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mtnlg.training.forward import forward_only
+
 
 def text_windows(ids: list[int], seq_length: int) -> list[np.ndarray]:
     """Non-overlapping windows of seq_length+1 tokens; a final one of >= 2 tokens kept."""
@@ -50,7 +52,7 @@ def dataset_windows(
 
 
 MICRO_BATCHES_PER_CALL = 32
-"""Micro-batches per ``eval_batch`` call: the pipeline fills once for all of them."""
+"""Micro-batches per forward-only call: the pipeline fills once for all of them."""
 
 
 def _micro_batch(windows: list[np.ndarray], skips: list[int], micro: int, seq_length: int):
@@ -90,10 +92,6 @@ def evaluate_windows(
     sum; sums and counts (never means) are reduced, in float64 on the engine's device: over the
     pipeline (only the last stage has losses) and over DP. TP ranks hold the same loss.
     """
-    from deepspeed.runtime.pipe.engine import PipelineEngine
-
-    pipe = isinstance(engine, PipelineEngine)
-    engine.eval()
     dev = engine.device
     nll = torch.zeros(2, dtype=torch.float64, device=dev)  # (sum of NLL, number of targets)
     skips = [0] * len(windows) if skips is None else skips
@@ -103,26 +101,18 @@ def evaluate_windows(
     # every DP rank runs the same number of micro-batches (empty rows count no target)
     n_micro = math.ceil(math.ceil(len(windows) / topo.dp) / micro_batch)
     batches = _micro_batches(mine, my_skips, n_micro, micro_batch, seq_length)
-    per_call = MICRO_BATCHES_PER_CALL if pipe else 1
     bar = progress_bar(n_micro * micro_batch * topo.dp, "windows", progress and topo.rank == 0)
-    for first in range(0, n_micro, per_call):
-        k = min(per_call, n_micro - first)
+    for first in range(0, n_micro, MICRO_BATCHES_PER_CALL):
+        k = min(MICRO_BATCHES_PER_CALL, n_micro - first)
         chunk = [next(batches) for _ in range(k)]
         if bar is not None:
             bar.update(k * micro_batch * topo.dp)
         counts = torch.tensor([float(m.sum()) for _, _, m in chunk], dtype=torch.float64)
-        if pipe:
-            data = [(ids, (labels, mask)) for ids, labels, mask in chunk]
-            # per-micro-batch mean losses on the last stage (no DP averaging), None elsewhere
-            losses = engine.eval_batch(
-                data_iter=iter(data), num_micro_batches=k, reduce_output=None, bcast_loss=False
-            )
-            if not topo.is_last_stage:
-                continue
-            losses = torch.stack([x.reshape(()) for x in losses])
-        else:
-            ids, labels, mask = chunk[0]
-            losses = engine(ids.to(dev), (labels.to(dev), mask.to(dev))).reshape(1)
+        # per-micro-batch mean losses where the outputs are (no DP averaging), None elsewhere
+        losses = forward_only(engine, topo, [(ids, (lab, mask)) for ids, lab, mask in chunk])
+        if losses is None:
+            continue
+        losses = torch.stack([x.reshape(()) for x in losses])
         counts = counts.to(dev)
         sums = torch.where(counts > 0, losses.double() * counts, 0.0)  # all-padding: no loss
         nll[0] += sums.sum()

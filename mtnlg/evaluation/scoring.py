@@ -7,9 +7,9 @@ swapped, for the duration of the call, for :class:`TokenStats`, which returns pe
 ``(nll, target is the argmax)`` instead of a mean; only (b, s) values cross TP ranks.
 
 Rows are sorted by length (longest first) within each DP rank's shard and padded to the longest
-row of their pipeline call, not to ``seq_length``; the pipeline engine is told the activation
-shape may change between calls (``reset_activation_shape``; its ``total_loss``, which
-``eval_batch`` accumulates into, is cleared per call) and left as it was found for the next user.
+row of their pipeline call, not to ``seq_length``; :func:`mtnlg.training.forward.forward_only`
+runs each call (at PP > 1 it tells the pipeline the activation shape may change and leaves the
+engine as it found it).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import nn
 from mtnlg.evaluation.perplexity import MICRO_BATCHES_PER_CALL, progress_bar
 from mtnlg.tensor_parallel import vocab_parallel_cross_entropy
 from mtnlg.tensor_parallel.mappings import tp_rank
+from mtnlg.training.forward import forward_only, is_pipe
 
 
 @dataclass
@@ -135,8 +136,6 @@ def score_continuations(
     its tokens' stats are written by one rank (last stage, TP rank 0, its DP shard's owner)
     into a float64 buffer that is summed over all ranks, with a count that must come out 1.
     """
-    from deepspeed.runtime.pipe.engine import PipelineEngine
-
     if micro_batch < 1:
         raise ValueError(f"micro batch must be >= 1, got {micro_batch}")
     rows = _rows(pairs, seq_length)
@@ -144,7 +143,7 @@ def score_continuations(
     offsets = [0]
     for k in conts:
         offsets.append(offsets[-1] + k)
-    pipe = isinstance(engine, PipelineEngine)
+    pipe = is_pipe(engine)
     dev = engine.device
     mine = list(range(topo.dp_rank, len(rows), topo.dp))
     mine.sort(key=lambda i: -len(rows[i]))  # similar lengths share a call: less padding
@@ -154,43 +153,25 @@ def score_continuations(
     out = torch.zeros(offsets[-1], 3, dtype=torch.float64)  # (nll, argmax hit, times written)
     writer = topo.is_last_stage and topo.tp_rank == 0
     bar = progress_bar(len(rows), "pairs", progress and topo.rank == 0)
-    engine.eval()
-    saved_total = getattr(engine, "total_loss", None)
     with token_stats_loss(engine.module):
-        try:
-            for first in range(0, n_micro, per_call):
-                k = min(per_call, n_micro - first)
-                idx = mine[first * micro_batch : (first + k) * micro_batch]
-                length = max([len(rows[i]) - 1 for i in idx] or [1])
-                chunk = [
-                    _batch([rows[i] for i in part], [conts[i] for i in part], micro_batch, length)
-                    for part in (idx[j * micro_batch : (j + 1) * micro_batch] for j in range(k))
-                ]
-                if pipe:
-                    engine.reset_activation_shape()  # this call's length may differ
-                    engine.total_loss = None  # eval_batch sums into it: (m, L, 2) shapes vary
-                    data = [(ids, (labels, mask)) for ids, labels, mask in chunk]
-                    stats = engine.eval_batch(
-                        data_iter=iter(data),
-                        num_micro_batches=k,
-                        reduce_output=None,
-                        bcast_loss=False,
-                    )  # on the last stage: k tensors (m, L, 2)
-                else:
-                    ids, labels, mask = chunk[0]
-                    stats = [engine(ids.to(dev), (labels.to(dev), mask.to(dev)))]
-                if writer:
-                    flat = torch.cat([s.double().cpu() for s in stats])  # (k*m, L, 2)
-                    for r, i in enumerate(idx):
-                        n, c = len(rows[i]) - 1, conts[i]
-                        out[offsets[i] : offsets[i + 1], :2] = flat[r, n - c : n]
-                        out[offsets[i] : offsets[i + 1], 2] += 1.0
-                if bar is not None:
-                    bar.update(min(len(rows), (first + k) * micro_batch * topo.dp) - bar.n)
-        finally:
-            if pipe:
-                engine.reset_activation_shape()  # the next eval/train call resends shapes
-                engine.total_loss = saved_total
+        for first in range(0, n_micro, per_call):
+            k = min(per_call, n_micro - first)
+            idx = mine[first * micro_batch : (first + k) * micro_batch]
+            length = max([len(rows[i]) - 1 for i in idx] or [1])  # this call's own length
+            chunk = [
+                _batch([rows[i] for i in part], [conts[i] for i in part], micro_batch, length)
+                for part in (idx[j * micro_batch : (j + 1) * micro_batch] for j in range(k))
+            ]
+            data = [(ids, (labels, mask)) for ids, labels, mask in chunk]
+            stats = forward_only(engine, topo, data)  # where the outputs are: k x (m, L, 2)
+            if writer:
+                flat = torch.cat([s.double().cpu() for s in stats])  # (k*m, L, 2)
+                for r, i in enumerate(idx):
+                    n, c = len(rows[i]) - 1, conts[i]
+                    out[offsets[i] : offsets[i + 1], :2] = flat[r, n - c : n]
+                    out[offsets[i] : offsets[i + 1], 2] += 1.0
+            if bar is not None:
+                bar.update(min(len(rows), (first + k) * micro_batch * topo.dp) - bar.n)
     if bar is not None:
         bar.close()
     out = out.to(dev)

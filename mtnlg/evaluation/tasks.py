@@ -124,18 +124,36 @@ def prepare_eval_tasks(args, tokenizer, seq_length: int) -> list:
 def evaluate_tasks(engine, topo, tasks: list, micro_batch: int) -> dict:
     """Run prepared tasks on a training engine; returns their log fields (same on all ranks).
 
-    The engine is put back in training mode; a pipeline's cached activation shapes are reset
-    around the evaluation (its micro-batch shapes may differ from training's)."""
-    from deepspeed.runtime.pipe.engine import PipelineEngine
-
-    pipe = isinstance(engine, PipelineEngine)
+    Every forward goes through :func:`mtnlg.training.forward.forward_only`, which leaves the
+    engine as it found it (training mode, the pipeline's shapes and ``total_loss``)."""
     fields = {}
     for task in tasks:
-        if pipe:
-            engine.reset_activation_shape()
         summary, _ = task.evaluate(engine, topo, micro_batch)
         fields.update(log_fields(task.name, summary))
-    if pipe:
-        engine.reset_activation_shape()
-    engine.train()
     return fields
+
+
+class TrainingTasks:
+    """What the pretraining entry (``mtnlg/pretrain.py``) wires into the training loop: the
+    ``--eval-tasks`` flags and, once the tokenizer is known, the hook the loop calls at every
+    ``--eval-interval``. Training itself never imports evaluation."""
+
+    @staticmethod
+    def add_args(parser) -> None:
+        add_eval_task_args(parser)
+
+    @staticmethod
+    def prepare(args, tokenizer, seq_length: int):
+        """``(engine, topo) -> log fields`` for the tasks ``--eval-tasks`` names, or None."""
+        tasks = prepare_eval_tasks(args, tokenizer, seq_length)
+        if not tasks:
+            return None
+        micro = args.micro_batch_size
+
+        def hook(engine, topo) -> dict:
+            return evaluate_tasks(engine, topo, tasks, micro)
+
+        return hook
+
+
+TRAINING_TASKS = TrainingTasks()

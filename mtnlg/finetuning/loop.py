@@ -26,9 +26,10 @@ import torch.distributed as dist
 
 from mtnlg.training import checkpointing
 from mtnlg.training.data import stage_loader
-from mtnlg.training.loop import LossWindow, _grad_norm, _is_pipe, step_loss, to_device
-from mtnlg.training.metrics import MetricsLogger, format_log_line
-from mtnlg.training.nonfinite import DEFAULT_MAX_CONSECUTIVE, NonFiniteGuard
+from mtnlg.training.forward import forward_only
+from mtnlg.training.metrics import MetricsLogger
+from mtnlg.training.nonfinite import DEFAULT_MAX_CONSECUTIVE
+from mtnlg.training.steps import StepRunner
 
 HIGHER_IS_BETTER = {"val_accuracy": True, "val_f1": True, "val_loss": False}
 
@@ -101,28 +102,7 @@ class TaskSamples:
 def eval_outputs(engine, topo, batches: list, compute_loss: bool) -> list | None:
     """Forward-only over this rank's micro-batches: per micro-batch the model's output (no
     targets: classification logits) or loss; None on ranks that do not hold the output."""
-    if _is_pipe(engine):
-        # DeepSpeed 0.19 sums every forward's output into total_loss, reset only by train_batch:
-        # after a training step its scalar would not take (m, s, C) logits.
-        engine.total_loss = None
-        outs = engine.eval_batch(
-            data_iter=iter(batches),
-            compute_loss=compute_loss,
-            reduce_output=None,
-            bcast_loss=False,
-            num_micro_batches=len(batches),
-        )
-        return outs if topo.is_last_stage else None
-    engine.eval()
-    outs = []
-    with torch.no_grad():
-        for ids, targets in batches:
-            args = (ids.to(engine.device),)
-            if compute_loss:
-                args += (to_device(targets, engine.device),)
-            outs.append(engine(*args))
-    engine.train()
-    return outs
+    return forward_only(engine, topo, batches, compute_loss=compute_loss)
 
 
 def share_rows(rows: torch.Tensor, have: bool, device) -> torch.Tensor:
@@ -154,16 +134,11 @@ def finetune(
     rank0 = topo.rank == 0
     out = Outcome()
     order = EpochOrder(len(task.train), cfg.seed)
-    bar = None
-    if rank0 and cfg.progress_bar:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.train_iters, desc="finetune", unit="it", dynamic_ncols=True)
-    say = (bar.write if bar is not None else print) if rank0 else (lambda _msg: None)
+    runner = StepRunner(engine, topo, total=cfg.train_iters, desc="finetune",
+                        progress_bar=cfg.progress_bar,
+                        max_consecutive_nonfinite=cfg.max_consecutive_nonfinite)  # fmt: skip
+    say = runner.say
     best_loss, stale = math.inf, 0
-    window = LossWindow()  # losses stay on the device until a log interval reads them
-    world = dist.get_world_size()
-    nonfinite = NonFiniteGuard(engine, topo.rank, world, cfg.max_consecutive_nonfinite, say)
 
     def save(root: str) -> str:
         progress = {
@@ -180,35 +155,24 @@ def finetune(
     with stage_loader(samples, cfg.micro_batch, topo, engine.device) as loader:
         while out.iteration < cfg.train_iters:
             lr = schedule.lr_at(out.iteration, out.consumed_samples * cfg.seq_length)
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr
             micro = loader.get(out.consumed_samples, cfg.global_batch)  # middle stages: None
             if out.iteration + 1 < cfg.train_iters:  # the next step, built while this one runs
                 loader.prefetch(out.consumed_samples + cfg.global_batch, cfg.global_batch)
-            with nonfinite.step(out.iteration + 1):  # skipped if non-finite on any rank
-                window.add(out.iteration + 1, step_loss(engine, topo, micro))
+            runner.step(out.iteration + 1, lr, cfg.global_batch, micro)
             out.iteration += 1
             out.consumed_samples += cfg.global_batch
-            if bar is not None:
-                bar.update(1)
             last = out.iteration == cfg.train_iters
-            if out.iteration % cfg.log_interval == 0 or last or nonfinite.stopping:
-                out.losses.extend(window.read())
-                loss = out.losses[-1][1]
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss:.4f}")
+            if runner.log_due(out.iteration, cfg.log_interval, last):
                 fields = {
                     "consumed_samples": out.consumed_samples,
                     "epoch": out.consumed_samples / len(task.train),
-                    "loss": loss,
+                    "loss": runner.read(out.losses),
                     "lr": lr,
-                    "grad_norm": _grad_norm(engine),
+                    "grad_norm": runner.engine_fields()["grad_norm"],
                     "global_batch": cfg.global_batch,
                 }
-                say(format_log_line(out.iteration, cfg.train_iters, fields))
-                if logger is not None:
-                    logger.log_train(out.iteration, fields)
-            nonfinite.stop_if_due(out.iteration)  # N in a row: exit non-zero, no save
+                runner.log(out.iteration, fields, logger)
+            runner.stop_if_due(out.iteration)  # N in a row: exit non-zero, no save
             if task.evaluate is None or not cfg.eval_interval:
                 continue
             if out.iteration % cfg.eval_interval and not last:
@@ -240,11 +204,10 @@ def finetune(
                 )
                 out.stopped_early = True
                 break
-    out.losses.extend(window.read())  # an early stop between log intervals
+    out.losses.extend(runner.window.read())  # an early stop between log intervals
     if cfg.save:
         save(cfg.save)
-    if bar is not None:
-        bar.close()
+    runner.close(out.losses)
     return out
 
 

@@ -120,22 +120,24 @@ def sft_task(train, valid, micro, seq, pad) -> Task:
         return ids, (labels, mask)
 
     def evaluate(engine, topo) -> dict:
-        """Mean over dev micro-batches of the response-token mean loss, weighted by the number
-        of examples in each (filler rows have a zero loss mask)."""
+        """Per-token dev loss: the summed NLL of every response token (and EOD) of the dev set
+        over their number, so it does not depend on the micro-batch size. Each micro-batch's
+        loss is its masked token mean (``GPTModel``'s loss), weighted back by its token count;
+        filler rows have a zero loss mask."""
         n = len(valid)
         padded, firsts = dev_slices(n, micro, topo)
-        batches, real = [], []
+        batches, tokens = [], []
         for f in firsts:
             chunk = valid[f : f + micro] or valid[:1]
-            real.append(max(0, min(micro, n - f)))
             ids, (labels, mask) = sft_micro_batch(chunk, micro, seq, pad)
-            mask[real[-1] :] = 0.0
+            mask[max(0, min(micro, n - f)) :] = 0.0
+            tokens.append(float(mask.sum()))
             batches.append((ids, (labels, mask)))
         outs = eval_outputs(engine, topo, batches, compute_loss=True)
         rows = torch.zeros(padded // micro, 2)
         if outs is not None:
-            for f, r, loss in zip(firsts, real, outs):
-                rows[f // micro] = torch.tensor([float(loss) * r, r])
+            for f, t, loss in zip(firsts, tokens, outs):
+                rows[f // micro] = torch.tensor([float(loss) * t, t])
         rows = share_rows(rows, outs is not None and topo.tp_rank == 0, engine.device)
         loss = float(rows[:, 0].sum() / rows[:, 1].sum())
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}

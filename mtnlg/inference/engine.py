@@ -8,7 +8,9 @@ rank 0 shares them first with :func:`broadcast_requests`). Per step:
 2. the last stage computes its vocabulary shard of the last slot's logits, all-gathers the row
    over TP, drops the padding columns and samples (:mod:`mtnlg.inference.sampling`);
 3. the chosen tokens are broadcast from the last stage over the pp group, so every rank knows
-   them and decides identically which sequences have ended (EOD, stop string, length).
+   them and decides identically which sequences have ended (EOD, stop string, length, or
+   ``"error"`` when the sampler found that sequence's logits unusable and sent ``INVALID``:
+   the other sequences of the batch go on, and no rank leaves the loop early).
 
 Prompts of different lengths are left-padded: each sequence keeps its own position ids and the
 mask hides the padding, so a sequence's tokens do not depend on the batch it is in.
@@ -24,7 +26,7 @@ import torch.distributed as dist
 
 from mtnlg.inference.forward import KVCache, stage_forward
 from mtnlg.inference.params import Request, Result
-from mtnlg.inference.sampling import sample
+from mtnlg.inference.sampling import INVALID, sample
 from mtnlg.inference.stage import StageModel, load_stage
 from mtnlg.tensor_parallel import gather_from_tp_region
 
@@ -191,10 +193,15 @@ class InferenceEngine:
                 tokens[:, start:cur], positions[:, start:cur], valid, start, cache
             )
             nxt = self._choose(logits, params, gens, b)  # (b,) on every rank
-            tokens[:, cur], valid[:, cur] = nxt, True
+            # INVALID (unusable logits) ends that sequence with "error" on every rank alike;
+            # slot 0 stands in for it in the batch's later steps (its outputs are never used)
+            tokens[:, cur], valid[:, cur] = nxt.clamp(min=0), True
             cur += 1
             for i, tok in enumerate(nxt.tolist()):
                 if finish[i] is not None:
+                    continue
+                if tok == INVALID:
+                    finish[i] = "error"
                     continue
                 out[i].append(tok)
                 if logits_log is not None:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+MIN_TEMPERATURE = 1e-5
+"""Temperatures below this are greedy (argmax), as in vLLM. At T = 1e-5 a logit gap of 1e-3
+already scales to -100, whose exp (3.7e-44) is below float32's smallest normal number: the
+distribution is one-hot unless logits tie within rounding noise, so a smaller T only amplifies
+that noise (and logits / T overflows float32 to inf for |logit| / T > 3.4e38, e.g. 10 / 1e-38)."""
 
 
 @dataclass(frozen=True)
@@ -14,7 +21,8 @@ class SamplingParams:
     greedy: bool = False
     """Argmax at every step (``--greedy``); temperature, top-k and top-p are then ignored."""
     temperature: float = 1.0
-    """Logits are divided by it before the softmax (``--temperature``); 0 means greedy."""
+    """Logits are divided by it before the softmax (``--temperature``); below
+    :data:`MIN_TEMPERATURE` (0 included) means greedy."""
     top_k: int = 0
     """Sample among the k most likely tokens only (``--top-k``); 0: no limit."""
     top_p: float = 1.0
@@ -28,18 +36,18 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"--top-k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
+        if not 0.0 < self.top_p <= 1.0:  # False for NaN too
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
 
     @property
     def is_greedy(self) -> bool:
-        return self.greedy or self.temperature == 0.0
+        return self.greedy or self.temperature < MIN_TEMPERATURE
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,10 @@ class Request:
 @dataclass
 class Result:
     """Generated tokens (ending with the EOD token when it stopped there), the text (without
-    EOD and without the stop string), and why it ended: ``"eod"``, ``"stop"`` or ``"length"``."""
+    EOD and without the stop string), and why it ended: ``"eod"``, ``"stop"``, ``"length"``, or
+    ``"error"`` when the model's logits for it were not usable (NaN, +inf, or all -inf: see
+    :func:`~mtnlg.inference.sampling.sample`); ``text`` is then None and ``tokens`` stop before
+    that step. Every rank decides ``"error"`` alike (from the broadcast tokens)."""
 
     tokens: list[int]
     text: str | None

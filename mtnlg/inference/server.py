@@ -5,10 +5,11 @@
     torchrun --nproc-per-node 4 -m mtnlg.inference.server --load CKPT --port 8000
 
 Rank 0 runs FastAPI under uvicorn (bound to 127.0.0.1 unless --host says otherwise: there is
-no authentication). One worker thread on rank 0 takes the queued HTTP requests, checks and
-tokenizes them, broadcasts the batch to every rank and calls ``engine.generate`` like them; the
-other ranks loop on those broadcasts until the shutdown message. Endpoints: ``POST
-/v1/completions``, ``PUT /api``, ``GET /v1/models``, ``GET /health``.
+no authentication). One worker thread on rank 0 takes the queued HTTP requests (at most
+--max-queue waiting: more get 429), checks and tokenizes them, broadcasts the batch to every
+rank and calls ``engine.generate`` like them; the other ranks loop on those broadcasts until the
+shutdown message. Endpoints: ``POST /v1/completions``, ``PUT /api``, ``GET /v1/models``,
+``GET /health``. Errors are OpenAI-shaped JSON; a 500 never carries the exception (it is logged).
 """
 
 from __future__ import annotations
@@ -39,6 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-model-parallel-size", type=int, help="default: the checkpoint's")
     p.add_argument("--pipeline-model-parallel-size", type=int, help="default: the checkpoint's")
     p.add_argument("--bf16", action="store_true", help="generate in bf16 (default fp32)")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="HTTP requests that may wait for generation; more get 429 (default 64)",
+    )
+    p.add_argument(
+        "--max-prompt-bytes",
+        type=int,
+        default=1 << 20,
+        help="UTF-8 bytes of prompt text per request, all prompts together, checked before\n"
+        "tokenizing: more get 400; the raw body is capped at 6x this + 64 KiB: more\n"
+        "get 413 (default 1048576)",
+    )
     p.add_argument("--log-level", default="info", help="uvicorn's log level")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None)
     return p
@@ -52,8 +67,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: --load {args.load}: no such directory")
     if not 0 <= args.port < 65536:
         raise SystemExit(f"error: --port {args.port}: must be in [0, 65535]")
-    if args.batch_size < 1:
-        raise SystemExit(f"error: --batch-size {args.batch_size}: must be >= 1")
+    for flag in ("batch_size", "max_queue", "max_prompt_bytes"):
+        if getattr(args, flag) < 1:
+            name = "--" + flag.replace("_", "-")
+            raise SystemExit(f"error: {name} {getattr(args, flag)}: must be >= 1")
     _, tokenizer, saved = _source(args.load)
     if tokenizer is None:
         raise SystemExit(f"error: --load {args.load}: no tokenizer saved with it")
@@ -69,9 +86,11 @@ def main(argv: list[str] | None = None) -> None:
         follow(engine, args.batch_size)
         shutdown()
         return
-    from mtnlg.inference.serving import Server
+    from mtnlg.inference.serving import Limits, Server
 
-    server = Server(engine, args.model_name or Path(args.load).resolve().name, args.batch_size)
+    limits = Limits(max_queue=args.max_queue, max_prompt_bytes=args.max_prompt_bytes)
+    name = args.model_name or Path(args.load).resolve().name
+    server = Server(engine, name, args.batch_size, limits)
     ok = server.serve(args.host, args.port, args.log_level)
     if not ok:  # a generation failed mid-way: the peers may be stuck in a collective
         print("error: generation failed; exiting so the launcher stops every rank", flush=True)

@@ -21,8 +21,10 @@ all-gathers it again there (Megatron's ``LinearWithGradAccumulationAndAsyncCommu
 autograd through ``gather_from_sequence`` + ``F.linear`` would keep the gathered (b, s, h)
 input, 2sbh per column-parallel GEMM instead of the 2sbh/tp of Korthikanti et al.'s eq. 4.
 
-Sequence slices are contiguous, in TP rank order. gloo has no reduce-scatter: there it is an
-all-reduce followed by taking one's slice (same values, more traffic; NCCL uses the real one).
+Sequence slices are contiguous, in TP rank order. The reduce-scatter is the backend's own on
+every backend (gloo has one since torch 2.x; NCCL's is the one that matters): 1/tp of an
+all-reduce's output traffic (tests/distributed/test_sequence_collectives.py compares it with an
+all-reduce followed by taking one's slice).
 """
 
 from __future__ import annotations
@@ -55,10 +57,6 @@ def _reduce_scatter_seq(x: Tensor, group) -> Tensor:
     world = tp_world_size(group)
     if x.shape[1] % world:
         raise ValueError(f"sequence length {x.shape[1]} is not divisible by the TP size ({world})")
-    if dist.get_backend(group) == "gloo":
-        x = x.contiguous()
-        dist.all_reduce(x, group=group)
-        return x.chunk(world, dim=1)[tp_rank(group)].contiguous()
     parts = [p.contiguous() for p in x.chunk(world, dim=1)]
     out = torch.empty_like(parts[0])
     dist.reduce_scatter(out, parts, group=group)

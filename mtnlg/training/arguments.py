@@ -231,6 +231,40 @@ def add_checkpoint_logging_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_resume_args(p: argparse.ArgumentParser) -> None:
+    """Megatron's flags for what a ``--load`` restores, and ``--override-data-stream``."""
+    g = p.add_argument_group(
+        "resuming (--load checks the checkpoint's saved settings against these flags)"
+    )
+    g.add_argument(
+        "--override-opt_param-scheduler", "--override-lr-scheduler",
+        dest="override_scheduler", action="store_true",
+        help="a --load whose LR schedule flags differ from the checkpoint's goes on with the "
+        "command line's schedule (default: refused, naming both values)",
+    )  # fmt: skip
+    g.add_argument(
+        "--use-checkpoint-opt_param-scheduler", "--use-checkpoint-lr-scheduler",
+        dest="use_checkpoint_scheduler", action="store_true",
+        help="a --load keeps the checkpoint's LR schedule whatever the flags say",
+    )  # fmt: skip
+    g.add_argument(
+        "--override-data-stream", action="store_true",
+        help="a --load may change --data-path, --split, --seed, --seq-length, "
+        "--global-batch-size or --rampup-batch-size: the new stream is read from the saved "
+        "consumed-sample count (default: refused)",
+    )  # fmt: skip
+    g.add_argument(
+        "--finetune", action="store_true",
+        help="--load the weights only: iteration, consumed samples, optimizer and RNG start "
+        "anew, and the schedule and data flags are the command line's",
+    )  # fmt: skip
+    g.add_argument(
+        "--no-load-optim", action="store_true",
+        help="--load without the optimizer state (fresh Adam moments); progress continues",
+    )  # fmt: skip
+    g.add_argument("--no-load-rng", action="store_true", help="--load without the saved RNG states")
+
+
 def add_sequence_parallel_arg(p: argparse.ArgumentParser) -> None:
     """``--sequence-parallel`` (pretraining only: the other entry points refuse it as unknown)."""
     p.add_argument(
@@ -244,8 +278,6 @@ def add_sequence_parallel_arg(p: argparse.ArgumentParser) -> None:
 def build_parser(description: str, sequence_parallel: bool = False) -> argparse.ArgumentParser:
     import deepspeed
 
-    from mtnlg.evaluation.tasks import add_eval_task_args
-
     p = argparse.ArgumentParser(description=description, allow_abbrev=False)
     if sequence_parallel:
         add_sequence_parallel_arg(p)
@@ -255,7 +287,6 @@ def build_parser(description: str, sequence_parallel: bool = False) -> argparse.
         add_data_args,
         add_training_args,
         add_checkpoint_logging_args,
-        add_eval_task_args,
     ):
         add(p)
     deepspeed.add_config_arguments(p)

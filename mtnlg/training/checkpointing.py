@@ -208,9 +208,19 @@ def prune(root: Path, keep_last: int) -> list[str]:
 
 
 def load(
-    engine, topo, load_dir: str, *, load_optimizer: bool = True, verify_hash: bool = True
+    engine,
+    topo,
+    load_dir: str,
+    *,
+    load_optimizer: bool = True,
+    verify_hash: bool = True,
+    load_rng: bool | None = None,
 ) -> dict[str, Any]:
     """Load the newest complete checkpoint into ``engine``; returns its metadata.
+
+    ``load_optimizer=False`` (``--no-load-optim``, ``--finetune``): the weights only, the
+    optimizer starts fresh. ``load_rng`` (default: as ``load_optimizer``; False for
+    ``--no-load-rng`` / ``--finetune``): restore every rank's generator states.
 
     Integrity first: every file the manifest lists must be there with its size and (unless
     ``verify_hash`` is off: ``--no-verify-checkpoint-hash``) its SHA-256, the checks split
@@ -244,6 +254,9 @@ def load(
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise _refuse(load_dir, bad[0] + more) if topo.rank == 0 else SystemExit(1)
+    # every *.pt of the tag unpickles with weights_only=True before anything reads it, and
+    # DeepSpeed's loads go through the safe engine (mtnlg/checkpoint/safe_engine.py)
+    integrity.guard_load(engine, d, load_dir)
     meta = json.loads((d / META).read_text())
     saved = meta["parallel"]
     if (saved["tp"], saved["pp"]) != (topo.tp, topo.pp):
@@ -252,6 +265,9 @@ def load(
             f"run uses TP={topo.tp} PP={topo.pp}; reshard it with "
             "checkpoint_tools/convert_checkpoint.py reshard"
         )
+    restore_rng = (load_optimizer if load_rng is None else load_rng) and not meta.get(
+        "weights_only"
+    )
     if meta.get("weights_only"):
         # hf-to-mtnlg or a reshard without optimizer state: weights only, fresh optimizer/RNG
         load_optimizer = False
@@ -288,7 +304,7 @@ def load(
                 "stage's tied head before it built the word table alone): not in this model",
                 flush=True,
             )
-    if load_optimizer:
+    if restore_rng:
         src = ParallelDims(world_size=topo.tp * topo.pp * saved_dp, tp=topo.tp, pp=topo.pp)
         src_rank = src.rank(pp=topo.pp_rank, dp=topo.dp_rank % saved_dp, tp=topo.tp_rank)
         rng_file = Path(load_dir) / tag / "rng" / f"rank_{src_rank:05d}.pt"

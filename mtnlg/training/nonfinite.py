@@ -14,6 +14,7 @@ bf16, ZeRO 1 (fp32 accumulation)  ``BF16_Optimizer``          skipped (norm is i
 bf16, ZeRO 2                      ``DeepSpeedZeroOptimizer``  skipped (``check_grad_overflow``)
 bf16, ZeRO 0 (PP > 1)             ``BF16_Optimizer``          skipped
 bf16, ZeRO 0 (PP = 1)             ``FP16_UnfusedOptimizer``   skipped (per-tensor inf/NaN check)
+fp32 / bf16, ZeRO 3               ``..._Stage3``              skipped (norm is inf/NaN)
 fp16 (any ZeRO)                   loss-scaling wrappers       skipped, loss scale halved
 fp32, ZeRO 0                      the torch optimizer itself  **applied: weights become NaN**
 ================================  ==========================  ===================================

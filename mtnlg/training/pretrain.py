@@ -1,7 +1,8 @@
 """Pretraining driver: flags -> validated configs -> DeepSpeed engine -> loop.
 
 Everything is validated before any heavy work (datasets, model). A ``--load`` checkpoint is
-self-describing: its saved model config and tokenizer are used, so no model flags are needed.
+self-describing: its saved model config and tokenizer are used, so no model flags are needed;
+flags that contradict what it saved are refused before anything is built (``resume``).
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import torch.distributed as dist
 
 from mtnlg.config import ModelConfig
 from mtnlg.distributed.topology import ParallelConfigError, ParallelDims, Topology
-from mtnlg.evaluation.tasks import prepare_eval_tasks
 from mtnlg.tensor_parallel import skip_init
-from mtnlg.training import checkpointing
+from mtnlg.training import checkpointing, resume
 from mtnlg.training.arguments import (
     add_exit_signal_args,
+    add_resume_args,
     apply_kernel_flags,
     build_parser,
     model_config_from_args,
@@ -44,10 +45,10 @@ def resolve_model_and_tokenizer(args) -> tuple[ModelConfig, object, dict | None]
     """From a checkpoint's metadata when resuming, else from the flags."""
     from mtnlg.data.tokenizer import build_tokenizer, load_tokenizer
 
-    if args.load and (Path(args.load) / "latest").is_file():
+    if resume.checkpoint_in(args, _rank()):
         meta = checkpointing.read_meta(args.load)
         tag = meta["tag"]
-        cfg = ModelConfig.from_dict(meta["model"])
+        cfg = resume.resumed_config(ModelConfig.from_dict(meta["model"]), args)
         tok_dir = Path(args.load) / tag / "tokenizer"
         tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else None
         return cfg, tokenizer, meta
@@ -63,6 +64,30 @@ def resolve_model_and_tokenizer(args) -> tuple[ModelConfig, object, dict | None]
         raise _user_error(e) from None
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def check_resume(args, saved: dict | None, meta: dict, schedule) -> resume.Policy:
+    """The flags against the checkpoint's saved settings (``resume``): SystemExit naming both
+    values of each unsettled difference; the checkpoint's LR schedule restored into
+    ``schedule`` with ``--use-checkpoint-opt_param-scheduler``."""
+    if saved is None:
+        return resume.Policy.from_args(args)
+    given = resume.given_model_flags(args, saved["model"])
+    if args.vocab_file or args.tokenizer_model:  # the tokenizer is the checkpoint's
+        from mtnlg.data.tokenizer import build_tokenizer
+
+        try:
+            tok = build_tokenizer(
+                args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model
+            )
+        except (FileNotFoundError, OSError) as e:
+            raise ValueError(e) from None
+        given["vocab_size"] = ("--vocab-file/--tokenizer-model (vocabulary size)", tok.vocab_size)
+    return resume.enforce(args, saved, meta, given, schedule, _rank())
+
+
 def apply_sequence_parallel(args, cfg: ModelConfig) -> None:
     """``--sequence-parallel`` onto the (runtime-only) config field, refusing what it breaks."""
     if not getattr(args, "sequence_parallel", False):
@@ -73,7 +98,7 @@ def apply_sequence_parallel(args, cfg: ModelConfig) -> None:
             f"--sequence-parallel: --seq-length ({cfg.seq_length}) is not divisible by "
             f"--tensor-model-parallel-size ({tp})"
         )
-    if args.eval_tasks:
+    if getattr(args, "eval_tasks", None):
         raise ValueError(
             "--eval-tasks runs the model's layers outside the engine and does not support "
             "--sequence-parallel; run evaluate.py on the checkpoint instead"
@@ -86,16 +111,32 @@ def check_peak_tflops(args) -> None:
         raise ValueError(f"--peak-tflops {args.peak_tflops}: must be > 0 (the device's peak)")
 
 
-def run(argv: list[str] | None = None, description: str = __doc__) -> Progress:
+def build_pretrain_parser(description: str = __doc__, eval_tasks=None) -> argparse.ArgumentParser:
+    """pretrain.py's parser: the training flags, sequence parallelism, preemption, resume, and
+    ``eval_tasks.add_args`` (the entry's evaluation tasks, if it wires any)."""
     parser = build_parser(description, sequence_parallel=True)
     add_exit_signal_args(parser)
+    add_resume_args(parser)
+    if eval_tasks is not None:
+        eval_tasks.add_args(parser)
+    return parser
+
+
+def run(argv: list[str] | None = None, description: str = __doc__, eval_tasks=None) -> Progress:
+    """Pretrain with ``argv``. ``eval_tasks``: what the entry wires into the loop (an object
+    with ``add_args(parser)`` and ``prepare(args, tokenizer, seq_length)`` returning a
+    ``(engine, topo) -> log fields`` hook or None; ``mtnlg/pretrain.py`` passes
+    ``mtnlg.evaluation.tasks.TRAINING_TASKS``), so training never imports evaluation."""
+    parser = build_pretrain_parser(description, eval_tasks)
     args = parser.parse_args(argv)
     apply_kernel_flags(args)
     with training_session(args) as exit_signal:
-        return _run(args, exit_signal)
+        return _run(args, exit_signal, eval_tasks)
 
 
-def _run(args: argparse.Namespace, exit_signal: ExitSignalHandler | None = None) -> Progress:
+def _run(
+    args: argparse.Namespace, exit_signal: ExitSignalHandler | None = None, eval_tasks=None
+) -> Progress:
     try:
         tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
         model_cfg, tokenizer, saved = resolve_model_and_tokenizer(args)
@@ -108,8 +149,12 @@ def _run(args: argparse.Namespace, exit_signal: ExitSignalHandler | None = None)
         batch = batch_sizes(args, dims)
         ramp, train_iters, schedule = schedules(args, batch, dims)
         ds_config = resolve_ds_config(args, dims, batch)
+        meta = checkpoint_meta(args, model_cfg, dims, batch, ds_config, schedule, train_iters)
+        policy = check_resume(args, saved, meta, schedule)
         check_data_path(args.data_path)
-        eval_tasks = prepare_eval_tasks(args, tokenizer, model_cfg.seq_length)
+        task_hook = (
+            eval_tasks.prepare(args, tokenizer, model_cfg.seq_length) if eval_tasks else None
+        )
     except (ParallelConfigError, ValueError) as e:
         raise _user_error(e) from None
 
@@ -131,18 +176,18 @@ def _run(args: argparse.Namespace, exit_signal: ExitSignalHandler | None = None)
         )
     progress = Progress()
     if saved is not None:
-        meta = checkpointing.load(
-            engine, topo, args.load, verify_hash=not args.no_verify_checkpoint_hash
-        )
-        p = meta["progress"]
-        progress = Progress(p["iteration"], p["consumed_samples"], p["consumed_tokens"])
+        p = checkpointing.load(
+            engine,
+            topo,
+            args.load,
+            load_optimizer=policy.load_optimizer,
+            load_rng=policy.load_rng,
+            verify_hash=not args.no_verify_checkpoint_hash,
+        )["progress"]
+        if not policy.finetune:  # --finetune: a new run from the weights
+            progress = Progress(p["iteration"], p["consumed_samples"], p["consumed_tokens"])
         if topo.rank == 0:
-            print(
-                f"resumed from {args.load} at iteration {progress.iteration} "
-                f"({progress.consumed_samples} samples)",
-                flush=True,
-            )
-    meta = checkpoint_meta(args, model_cfg, dims, batch, ds_config, schedule)
+            print(resume.loaded_message(args.load, p, policy), flush=True)
     loop = loop_config(args, batch, seq, train_iters)
     logger = MetricsLogger(args.metrics_file, args.tensorboard_dir, enabled=topo.rank == 0)
     try:
@@ -159,7 +204,7 @@ def _run(args: argparse.Namespace, exit_signal: ExitSignalHandler | None = None)
             tokenizer=tokenizer,
             logger=logger,
             peak_tflops=args.peak_tflops,
-            eval_tasks=eval_tasks,
+            eval_tasks=task_hook,
             exit_signal=exit_signal,
         )
     finally:

@@ -70,8 +70,10 @@ def checkpoint_meta(
     batch: BatchSizes,
     ds_config: dict,
     schedule: LRSchedule,
+    train_iters: int | None = None,
 ) -> dict:
-    """The resolved configuration saved in every checkpoint's ``mtnlg_meta.json``."""
+    """The resolved configuration saved in every checkpoint's ``mtnlg_meta.json`` (a ``--load``
+    compares it with the new run's: ``mtnlg.training.resume``)."""
     return {
         "model": model_cfg.to_dict(),
         "parallel": {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp},
@@ -85,5 +87,8 @@ def checkpoint_meta(
             "lr_schedule": schedule.state_dict(),
             "data_path": args.data_path,
             "split": args.split,
+            "train_iters": train_iters,
+            "train_samples": getattr(args, "train_samples", None),
+            "rampup_batch_size": getattr(args, "rampup_batch_size", None),
         },
     }

@@ -2,7 +2,8 @@
 
 Both are pure functions of training progress (iteration, consumed samples / tokens), so a resumed
 run recomputes them from the counters saved in the checkpoint; ``LRSchedule.state_dict`` only
-records the configuration so that a resume with different flags is noticed.
+records the configuration so that a resume with different flags is noticed
+(``mtnlg.training.resume``).
 
 The MT-NLG 530B recipe (Smith et al. 2022, section 3.2) is ``mtnlg_recipe()``: batch 32 -> 1920
 in steps of 32 over the first 12B tokens, lr 5e-5 with a 1B-token linear warmup, then cosine
@@ -105,25 +106,40 @@ class LRSchedule:
         """The configuration, saved with a checkpoint (the progress lives in its counters)."""
         return dataclasses.asdict(self)
 
-    def load_state_dict(self, state: dict, override: bool = False) -> None:
-        """Check a checkpoint's schedule against this one.
+    def load_state_dict(
+        self, state: dict, override: bool = False, use_checkpoint: bool = False
+    ) -> None:
+        """Reconcile this (the command line's) schedule with a checkpoint's, as Megatron's
+        ``OptimizerParamScheduler.load_state_dict`` does.
 
-        A difference is an error unless ``override=True`` (Megatron's ``--override-lr-scheduler``),
-        in which case this (the command line's) schedule is kept. To adopt the checkpoint's
-        schedule instead (``--use-checkpoint-lr-scheduler``) build it with ``from_state_dict``.
+        ``override`` (``--override-opt_param-scheduler``): this schedule is kept.
+        ``use_checkpoint`` (``--use-checkpoint-opt_param-scheduler``): the checkpoint's
+        schedule replaces this one's fields. Neither: a difference is a ValueError naming each
+        field with both values.
         """
+        if override and use_checkpoint:
+            raise ValueError(
+                "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler "
+                "contradict: give one"
+            )
         saved = LRSchedule.from_state_dict(state)
+        if override:
+            return
+        if use_checkpoint:
+            for f in dataclasses.fields(self):
+                setattr(self, f.name, getattr(saved, f.name))
+            return
         diffs = [
             f"{f.name}: checkpoint {getattr(saved, f.name)!r}, now {getattr(self, f.name)!r}"
             for f in dataclasses.fields(self)
             if getattr(saved, f.name) != getattr(self, f.name)
         ]
-        if diffs and not override:
+        if diffs:
             raise ValueError(
                 "the checkpoint was trained with a different LR schedule ("
                 + "; ".join(diffs)
-                + "); pass --override-lr-scheduler to use the new one or "
-                "--use-checkpoint-lr-scheduler to keep the checkpoint's"
+                + "); pass --override-opt_param-scheduler to use the new one or "
+                "--use-checkpoint-opt_param-scheduler to keep the checkpoint's"
             )
 
     @classmethod

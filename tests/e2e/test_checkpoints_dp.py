@@ -60,7 +60,10 @@ def at_tag(root: Path, tag: str, view: Path) -> str:
 
 
 def args(prefix, tp, pp, extra=(), iters=ITERS):
-    return base_args(prefix, tp=tp, pp=pp, iters=iters, extra=list(extra))
+    """The LR decays over ITERS whatever ``iters``: a run of HALF that only loads and saves
+    again has the saved run's schedule (a --load refuses another)."""
+    decay = ["--lr-decay-iters", str(ITERS)]
+    return base_args(prefix, tp=tp, pp=pp, iters=iters, extra=[*decay, *extra])
 
 
 def optimizer_state(path: str):

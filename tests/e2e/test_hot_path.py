@@ -4,7 +4,7 @@ the first and last pipeline stages (one step ahead, on the loader's thread), sam
 Inside the spawned ranks the real code runs unchanged; the test only wraps it to count:
 ``torch.Tensor``'s host-reading methods (``item``, ``tolist``, ``float()``, ``bool()``, ...) when
 called from ``mtnlg`` code, tagged with the number of optimizer steps started so far (a wrapper
-around ``mtnlg.training.loop.step_loss``), and ``GPTDataset.__getitem__`` with the reading thread.
+around ``mtnlg.training.steps.step_loss``), and ``GPTDataset.__getitem__`` with the reading thread.
 The losses are compared with a TP1 x PP1 x DP1 run of the same seed and data with one micro-batch
 of 8 (no pipeline, no accumulation: the independent reference of ``test_equivalence.py``).
 """
@@ -36,7 +36,7 @@ def _observed(rank, world_size, argv):
     import torch
 
     from mtnlg.data.gpt_dataset import GPTDataset
-    from mtnlg.training import loop
+    from mtnlg.training import steps as step_module
     from mtnlg.training.pretrain import run
 
     mtnlg_dir, torch_dir = str(ROOT / "mtnlg"), str(Path(torch.__file__).parent)
@@ -54,7 +54,7 @@ def _observed(rank, world_size, argv):
 
         return wrapper
 
-    def counted_step(*args, _step=loop.step_loss):
+    def counted_step(*args, _step=step_module.step_loss):
         steps[0] += 1
         return _step(*args)
 
@@ -65,7 +65,7 @@ def _observed(rank, world_size, argv):
     saved = {n: getattr(torch.Tensor, n) for n in SYNC_METHODS}
     for name, fn in saved.items():
         setattr(torch.Tensor, name, counted(name, fn))
-    loop.step_loss, GPTDataset.__getitem__ = counted_step, counted_read
+    step_module.step_loss, GPTDataset.__getitem__ = counted_step, counted_read
     try:
         progress = run(argv)
     finally:

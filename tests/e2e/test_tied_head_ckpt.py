@@ -76,7 +76,9 @@ def _shapes(ckpt_dir, mp: int) -> list[str]:
 
 
 def _args(prefix, extra, iters=ITERS):
-    return base_args(prefix, pp=2, iters=iters, extra=list(extra))
+    """The LR decays over ITERS whatever ``iters`` (a --load refuses another schedule)."""
+    decay = ["--lr-decay-iters", str(ITERS)]
+    return base_args(prefix, pp=2, iters=iters, extra=[*decay, *extra])
 
 
 @pytest.fixture(scope="module")

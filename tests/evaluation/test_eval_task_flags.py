@@ -10,7 +10,7 @@ import pytest
 
 from mtnlg.data.tokenizer import GPT2BPETokenizer
 from mtnlg.evaluation.tasks import prepare_eval_tasks
-from mtnlg.training.arguments import build_parser
+from mtnlg.pretrain import build_parser
 from tests.e2e.conftest import TINY_MERGES, TINY_VOCAB, demo_prefix  # noqa: F401
 from tests.inference.gen_helpers import ROOT
 
@@ -24,7 +24,7 @@ def tok():
 
 
 def _prepare(tok, *flags):
-    return prepare_eval_tasks(build_parser("t").parse_args(list(flags)), tok, 32)
+    return prepare_eval_tasks(build_parser().parse_args(list(flags)), tok, 32)
 
 
 @pytest.mark.parametrize(

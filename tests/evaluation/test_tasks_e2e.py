@@ -34,8 +34,9 @@ LAMBADA_REAL = 11
 def _jobs(rank, world_size, jobs):
     """evaluate.py / pretrain.py drivers in turn in this process group; results per job."""
     from mtnlg.evaluation import run as ev
+    from mtnlg.evaluation.tasks import TRAINING_TASKS
+    from mtnlg.pretrain import build_parser
     from mtnlg.training import checkpointing, pretrain
-    from mtnlg.training.arguments import build_parser
 
     out = []
     for kind, argv in jobs:
@@ -44,7 +45,7 @@ def _jobs(rank, world_size, jobs):
             ev.check_args(args)
             out.append(ev._run(args, checkpointing.read_meta(args.load)))
         else:
-            pretrain._run(build_parser("train").parse_args(argv))
+            pretrain._run(build_parser().parse_args(argv), eval_tasks=TRAINING_TASKS)
             out.append(None)
     return out
 

@@ -29,6 +29,10 @@ LAYOUTS = {  # name: (flags, tp, pp); world size 2
     "bf16-zero0-tp2": (["--bf16", "--zero-stage", "0"], 2, 1),
     "bf16-zero1-dp2": (["--bf16", "--zero-stage", "1"], 1, 1),
     "fp32-zero0-pp2": (["--zero-stage", "0"], 1, 2),
+    "fp32-zero2-dp2": (["--zero-stage", "2"], 1, 1),
+    "bf16-zero2-dp2": (["--bf16", "--zero-stage", "2"], 1, 1),
+    "fp32-zero3-dp2": (["--zero-stage", "3"], 1, 1),
+    "bf16-zero3-dp2": (["--bf16", "--zero-stage", "3"], 1, 1),
 }
 
 
@@ -37,7 +41,8 @@ def _snapshot(engine) -> list[torch.Tensor]:
     inner = engine.optimizer
     while hasattr(inner, "optimizer"):  # DeepSpeed's wrappers keep the torch optimizer inside
         inner = inner.optimizer
-    out = [p.detach().clone() for p in engine.module.parameters()]
+    # ZeRO-3: the module holds empty placeholders; this rank's shard is ``ds_tensor``
+    out = [getattr(p, "ds_tensor", p).detach().clone() for p in engine.module.parameters()]
     out += [p.detach().clone() for g in inner.param_groups for p in g["params"]]
     for state in inner.state.values():
         out += [v.detach().clone() for _, v in sorted(state.items()) if torch.is_tensor(v)]

@@ -4,9 +4,7 @@ while it keeps serving; once as one process, once at PP2 through the deepspeed l
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,47 +18,12 @@ from mtnlg.checkpoint.convert import hf_to_mtnlg
 from mtnlg.data.tokenizer import GPT2BPETokenizer
 from tests.helpers.dist import free_port
 from tests.inference.gen_helpers import ROOT, hf_greedy
+from tests.inference.server_helpers import env, faulty_script, serving, wait_for
 
 SERVER = str(ROOT / "mtnlg" / "inference" / "server.py")
 GENERATE = str(ROOT / "mtnlg" / "generate.py")
 TEXTS = ["To be, or not to be", "Hello", "The king is dead; long live the", "O Romeo"]
 NEW = 8
-
-
-def _env():
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    env.pop("PYTHONPATH", None)
-    return env
-
-
-@contextlib.contextmanager
-def serving(cmd: list[str], cwd, timeout: float = 120.0):
-    """Start the server command in its own process group; (URL, process) once /health answers."""
-    log = open(cwd / "server.log", "w+")  # noqa: SIM115 - read back on failure
-    proc = subprocess.Popen(
-        cmd, env=_env(), cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"server did not start (rc {proc.returncode}):\n{log.read()[-4000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
-        yield url, proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +37,7 @@ def setup(hf_model, tmp_path_factory):
     cmd = [sys.executable, GENERATE, "--load", str(tmp / "ckpt"), "--prompts-file"]
     cmd += [str(tmp / "prompts.jsonl"), "--greedy", "--max-new-tokens", str(NEW)]
     cmd += ["--output-jsonl", str(tmp / "gen.jsonl")]
-    proc = subprocess.run(cmd, env=_env(), cwd=tmp, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, env=env(), cwd=tmp, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp / "gen.jsonl").read_text().splitlines()]
     tok = GPT2BPETokenizer(folder / "vocab.json", folder / "merges.txt")
@@ -118,7 +81,8 @@ BAD = [
     ({"prompt": "", "max_tokens": 4}, "non-empty"),
     ({"prompt": ["a", ""], "max_tokens": 4}, "non-empty"),
     ({"prompt": "a", "max_tokens": 4000}, "max_position_embeddings (64)"),
-    ({"prompt": "a", "max_tokens": 4, "frequency_penalty": 1}, "frequency_penalty: Extra inputs"),
+    ({"prompt": "a", "max_tokens": 4, "frequency_penalty": 1}, "frequency_penalty: not supported"),
+    ({"prompt": "a", "max_tokens": 4, "logprob": 1}, "logprob: Extra inputs"),
     ({"prompt": "a", "n": 0}, "n: Input should be greater than or equal to 1"),
     ({"prompt": "a", "top_p": 0}, "top_p"),
     ({"prompt": "a", "temperature": -1}, "temperature"),
@@ -177,41 +141,40 @@ def test_server_pp2_through_deepspeed_launcher(setup):
         )
 
 
-FAILING = """
-import os, sys
-sys.path.insert(0, {root!r})
-from mtnlg.inference import engine
-real = engine.InferenceEngine.generate
-
-def generate(self, requests, **kw):  # rank 0 fails mid-way on the requests asking for 7 tokens
-    if os.environ["RANK"] == "0" and requests[0].params.max_new_tokens == 7:
-        raise RuntimeError("injected failure")
-    return real(self, requests, **kw)
-
-engine.InferenceEngine.generate = generate
-from mtnlg.inference.server import main
-main([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
-"""
-
-
-def test_generation_failure_stops_every_rank(setup):
-    """A failure inside generation on rank 0 (after the broadcast: rank 1 already generates)
-    answers 500 and ends the whole launch with an error instead of leaving rank 1 hanging."""
+def test_failures_at_pp2(setup):
+    """At PP2 (the sampler runs on rank 1, rank 0 serves): a request whose logits turn NaN gets
+    a 500 while the request batched with it is answered, and the ranks stay in step (the next
+    request is served). A failure inside generation on rank 0 (after the broadcast: rank 1
+    already generates) answers 500 without the exception's text and ends the whole launch
+    with an error instead of leaving rank 1 hanging."""
     tmp, _, rows, _ = setup
-    script = tmp / "failing_server.py"
-    script.write_text(FAILING.format(root=str(ROOT)))
+    gate = tmp / "gate_pp2"
     hostfile = tmp / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile)]
     cmd += ["--no_ssh_check", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    cmd += [str(script), "--load", str(tmp / "ckpt_pp2"), "--port", str(free_port())]
-    with serving(cmd, tmp, timeout=180) as (url, _):
-        with httpx.Client() as client:
-            assert _complete(client, url, "Hello").json()["choices"][0]["text"] == rows[1]["text"]
-            r = _complete(client, url, "Hello", max_tokens=7)
-            assert r.status_code == 500 and "injected failure" in r.text
+    cmd += [str(faulty_script(tmp)), str(gate), "--load", str(tmp / "ckpt_pp2")]
+    cmd += ["--port", str(free_port())]
+    with serving(cmd, tmp, timeout=180) as (url, _), httpx.Client() as client:
+        gate.touch()
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(_complete, client, url, "O Romeo")
+            wait_for(url, lambda h: h["busy"] and h["waiting"] == 0)
+            nan = pool.submit(_complete, client, url, "Hello", temperature=0.5, seed=666)
+            ok = pool.submit(_complete, client, url, "Hello")
+            wait_for(url, lambda h: h["waiting"] == 2)  # they will be one batch
+            gate.unlink()
+            assert first.result().json()["choices"][0]["text"] == rows[3]["text"]
+            r = nan.result()
+            assert r.status_code == 500 and "not finite" in r.json()["error"]["message"], r.text
+            assert ok.result().json()["choices"][0]["text"] == rows[1]["text"]
+        assert _complete(client, url, "Hello").json()["choices"][0]["text"] == rows[1]["text"]
+        r = _complete(client, url, "Hello", max_tokens=7)
+        assert r.status_code == 500, r.text
+        assert r.json()["error"]["type"] == "server_error" and "SECRET" not in r.text
         log = tmp / "server.log"
         deadline = time.monotonic() + 60
         while "exits with return code = 1" not in log.read_text():
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
+        assert "injected failure SECRET-1234" in log.read_text()  # logged, not answered

@@ -35,10 +35,10 @@ def _entry_parsers() -> dict[str, Callable]:
     from mtnlg.evaluation.run import build_parser as eval_parser
     from mtnlg.finetuning.arguments import build_finetune_parser
     from mtnlg.inference.cli import build_parser as generate_parser
-    from mtnlg.training.arguments import build_parser
+    from mtnlg.pretrain import build_parser as pretrain_parser
 
     return {
-        "mtnlg/pretrain.py": lambda: build_parser("pretrain", sequence_parallel=True),
+        "mtnlg/pretrain.py": pretrain_parser,
         "mtnlg/evaluate.py": lambda: eval_parser("evaluate"),
         "mtnlg/generate.py": lambda: generate_parser("generate"),
         "mtnlg/finetune.py": lambda: build_finetune_parser("finetune"),
