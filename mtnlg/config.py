@@ -45,6 +45,13 @@ class ModelConfig:
     """RoPE base theta (``--rotary-base``)."""
     rotary_percent: float = 1.0
     """Fraction of each head's channels rotated (``--rotary-percent``; partial rotary < 1)."""
+    rope_scaling: dict | None = None
+    """RoPE scaling in transformers 5's ``rope_parameters`` names, less ``rope_theta``:
+    ``{"rope_type": "linear" | "dynamic" | "llama3" | "yarn", "factor": ..., ...}`` (see
+    ``mtnlg.model.rotary``; ``--rope-scaling-type`` and friends); None: plain RoPE."""
+    sliding_window: int | None = None
+    """Sliding-window attention (Mistral v0.1, Qwen2 with every layer sliding): query i attends
+    to keys j with i - window < j <= i, in every layer (``--sliding-window``); None: causal."""
     normalization: str = "layernorm"
     """``layernorm`` or ``rmsnorm`` (``--normalization``)."""
     swiglu: bool = False
@@ -74,6 +81,8 @@ class ModelConfig:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"--sliding-window must be >= 1 (got {self.sliding_window})")
         if self.kv_channels is not None and self.kv_channels < 1:
             raise ValueError(f"--kv-channels must be >= 1 (got {self.kv_channels})")
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
@@ -115,6 +124,12 @@ class ModelConfig:
                     f"--rotary-percent {self.rotary_percent} gives {self.rotary_dim} rotary "
                     f"channels of head dim {self.head_dim}: it must be even and >= 2"
                 )
+        if self.rope_scaling is not None:
+            from mtnlg.model.rotary import check_rope_scaling
+
+            if not self.use_rope:
+                raise ValueError("rope_scaling needs --position-embedding-type rope")
+            check_rope_scaling(self.rope_scaling)
 
     @property
     def head_dim(self) -> int:

@@ -2,9 +2,10 @@
 
 ``gpt3-*`` follow Table 2.1 of Brown et al. 2020; ``mtnlg-530b`` follows Smith et al. 2022;
 ``gpt2-*`` are the OpenAI GPT-2 checkpoints' shapes (1024 positions). The Llama-family sizes
-(``llama*``, ``mistral-7b``, ``qwen2-0.5b``) are those of the released models' ``config.json``:
-RoPE, RMSNorm, SwiGLU, no linear biases (Qwen2: a QKV bias), grouped-query attention where the
-model has it, an untied output layer (Qwen2 0.5B ties it).
+(``llama*``, ``mistral-7b``, ``qwen2*``) are those of the released models' ``config.json``:
+RoPE (Llama 3.1 / 3.2: with their ``llama3`` scaling to 131,072 positions), RMSNorm, SwiGLU, no
+linear biases (Qwen2: a QKV bias), grouped-query attention where the model has it, an untied
+output layer (Llama 3.2, Qwen2 and Qwen2.5 0.5B tie it); ``seq_length`` is a training default.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ _LLAMA = {
     "hidden_dropout": 0.0,
     "attention_dropout": 0.0,
 }
+
+# Llama 3.1 / 3.2's RoPE scaling (their config.json "rope_scaling", rope_type llama3)
+_LLAMA3_8X = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+_LLAMA3_32X = {**_LLAMA3_8X, "factor": 32.0}
 
 # name: (layers, hidden, heads, seq_length, extra overrides)
 _PRESETS: dict[str, tuple[int, int, int, int, dict]] = {
@@ -51,6 +57,23 @@ _PRESETS: dict[str, tuple[int, int, int, int, dict]] = {
         {**_LLAMA, "ffn_hidden_size": 14336, "num_query_groups": 8, "vocab_size": 128256,
          "rotary_base": 500000.0},
     ),
+    "llama3.1-8b": (
+        32, 4096, 32, 8192,
+        {**_LLAMA, "ffn_hidden_size": 14336, "num_query_groups": 8, "vocab_size": 128256,
+         "rotary_base": 500000.0, "max_position_embeddings": 131072, "rope_scaling": _LLAMA3_8X},
+    ),
+    "llama3.2-1b": (
+        16, 2048, 32, 8192,
+        {**_LLAMA, "ffn_hidden_size": 8192, "num_query_groups": 8, "vocab_size": 128256,
+         "untie_embeddings_and_output_weights": False, "rotary_base": 500000.0,
+         "max_position_embeddings": 131072, "rope_scaling": _LLAMA3_32X},
+    ),
+    "llama3.2-3b": (
+        28, 3072, 24, 8192,
+        {**_LLAMA, "ffn_hidden_size": 8192, "num_query_groups": 8, "vocab_size": 128256,
+         "untie_embeddings_and_output_weights": False, "rotary_base": 500000.0,
+         "max_position_embeddings": 131072, "rope_scaling": _LLAMA3_32X},
+    ),
     "mistral-7b": (
         32, 4096, 32, 4096,
         {**_LLAMA, "ffn_hidden_size": 14336, "num_query_groups": 8, "vocab_size": 32768,
@@ -61,6 +84,18 @@ _PRESETS: dict[str, tuple[int, int, int, int, dict]] = {
         {**_LLAMA, "ffn_hidden_size": 4864, "num_query_groups": 2, "vocab_size": 151936,
          "add_qkv_bias": True, "untie_embeddings_and_output_weights": False,
          "rotary_base": 1000000.0, "layernorm_epsilon": 1e-6, "max_position_embeddings": 32768},
+    ),
+    "qwen2.5-0.5b": (
+        24, 896, 14, 4096,
+        {**_LLAMA, "ffn_hidden_size": 4864, "num_query_groups": 2, "vocab_size": 151936,
+         "add_qkv_bias": True, "untie_embeddings_and_output_weights": False,
+         "rotary_base": 1000000.0, "layernorm_epsilon": 1e-6, "max_position_embeddings": 32768},
+    ),
+    "qwen2.5-7b": (
+        28, 3584, 28, 4096,
+        {**_LLAMA, "ffn_hidden_size": 18944, "num_query_groups": 4, "vocab_size": 152064,
+         "add_qkv_bias": True, "rotary_base": 1000000.0, "layernorm_epsilon": 1e-6,
+         "max_position_embeddings": 131072},
     ),
 }  # fmt: skip
 

@@ -187,12 +187,5 @@ def export_hf_classifier(
         pad_token_id=pad_token_id,
     )
     (out / "config.json").write_text(json.dumps(conf, indent=2))
-    write_hf_tokenizer(tokenizer, out, cfg)
-    if tokenizer is not None:  # batches are right-padded with the pad id: say which token
-        pad = tokenizer.detokenize([pad_token_id])
-        for fname in ("tokenizer_config.json", "special_tokens_map.json"):
-            d = json.loads((out / fname).read_text())
-            d["pad_token"] = pad
-            if fname == "tokenizer_config.json":
-                d["padding_side"] = "right"
-            (out / fname).write_text(json.dumps(d, indent=2))
+    # batches are right-padded with the pad id: the tokenizer files say which token
+    write_hf_tokenizer(tokenizer, out, cfg, pad_token_id)

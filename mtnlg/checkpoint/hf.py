@@ -468,14 +468,34 @@ class HFShardWriter:
         return files
 
 
-def write_hf_tokenizer(tokenizer, out: Path, cfg: ModelConfig) -> None:
-    """Tokenizer files AutoTokenizer loads offline (GPT-2 BPE or any tokenizer.json)."""
+def write_hf_tokenizer(
+    tokenizer, out: Path, cfg: ModelConfig, pad_token_id: int | None = None
+) -> None:
+    """Tokenizer files AutoTokenizer loads offline (GPT-2 BPE or any tokenizer.json). The HF
+    files the tokenizer came with (``tokenizer_config.json``, ``special_tokens_map.json``, the
+    chat template; each optional, as ``transformers`` 5 saves a folder) are carried as they
+    are; ``pad_token_id`` (classifiers: batches are right-padded with it) is named in the
+    config, and in ``special_tokens_map.json`` where there is one, with right padding."""
     if tokenizer is None:
         return
     tokenizer.save(out)
     (out / "mtnlg_tokenizer.json").unlink(missing_ok=True)
-    if (out / "tokenizer_config.json").is_file():
-        return  # the source's own HF tokenizer files, carried (HFTokenizer)
+    if not (out / "tokenizer_config.json").is_file():  # else the source's own, carried
+        _write_tokenizer_config(tokenizer, out, cfg)
+    if pad_token_id is not None:
+        pad = tokenizer.detokenize([pad_token_id])
+        for fname in ("tokenizer_config.json", "special_tokens_map.json"):
+            path = out / fname
+            if not path.is_file():
+                continue  # transformers 5 writes no special_tokens_map.json
+            d = json.loads(path.read_text(encoding="utf-8"))
+            d["pad_token"] = pad
+            if fname == "tokenizer_config.json":
+                d["padding_side"] = "right"
+            path.write_text(json.dumps(d, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def _write_tokenizer_config(tokenizer, out: Path, cfg: ModelConfig) -> None:
     eos = "<|endoftext|>"
     try:
         eos = tokenizer.detokenize([tokenizer.eod])
@@ -495,18 +515,54 @@ def write_hf_tokenizer(tokenizer, out: Path, cfg: ModelConfig) -> None:
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
 
 
+def check_hf_tokenizer_export(tokenizer, cfg: ModelConfig, pad_token_id: int | None = None):
+    """Write the tokenizer's HF files into a temp folder as an export would, and check that
+    ``transformers`` (when installed) loads them and tokenizes a probe text to our ids: run it
+    before training so a tokenizer that cannot export fails then, not at the export step.
+    Raises ``CheckpointError``."""
+    import tempfile
+
+    if tokenizer is None:
+        return
+    probe = "Hello world, it 's a test .  \n"
+    with tempfile.TemporaryDirectory(prefix="mtnlg-tok-check-") as tmp:
+        try:
+            write_hf_tokenizer(tokenizer, Path(tmp), cfg, pad_token_id)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"the tokenizer cannot be written as Hugging Face files: {e}"
+            ) from e
+        if not hasattr(tokenizer, "_tok"):
+            return  # SentencePiece: no tokenizer.json for AutoTokenizer to compare
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            return
+        try:
+            hf = AutoTokenizer.from_pretrained(tmp)
+        except Exception as e:  # noqa: BLE001 - any failure to load is the error reported
+            raise CheckpointError(f"transformers cannot load the exported tokenizer: {e}") from e
+        got = hf(probe, add_special_tokens=False)["input_ids"]
+        want = tokenizer.tokenize(probe)
+        if got != want:
+            raise CheckpointError(
+                f"the exported tokenizer encodes {probe!r} as {got}, this run as {want}"
+            )
+
+
 def read_hf_tokenizer(folder: Path):
     """Our Tokenizer for an HF folder (GPT-2 BPE files, else tokenizer.json), or None. For
     other than GPT-2 models, ``tokenizer.json`` comes first (Qwen2 ships both, and only the
     tokenizer.json has its pre-tokenizer and added tokens)."""
-    from mtnlg.data.tokenizer import GPT2BPETokenizer, HFTokenizer
+    from mtnlg.data.tokenizer import GPT2BPETokenizer, HFTokenizer, attach_sidecars
 
     conf = folder / "config.json"
     model_type = json.loads(conf.read_text()).get("model_type") if conf.is_file() else None
     if model_type not in (None, "gpt2") and (folder / "tokenizer.json").is_file():
         return HFTokenizer(folder)
     if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-        return GPT2BPETokenizer(folder / "vocab.json", folder / "merges.txt")
+        tok = GPT2BPETokenizer(folder / "vocab.json", folder / "merges.txt")
+        return attach_sidecars(tok, folder)  # its tokenizer_config.json, chat template
     if (folder / "tokenizer.json").is_file():
         return HFTokenizer(folder)
     return None

@@ -2,8 +2,9 @@
 
 ``LlamaForCausalLM``, ``MistralForCausalLM`` and ``Qwen2ForCausalLM`` share one layout
 (``model.layers.{i}.self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``, RMSNorms,
-``lm_head`` when untied); they differ only in options (Qwen2: a QKV bias; Mistral: a sliding
-window, refused when it would mask anything). Linear weights are ``nn.Linear`` (out, in) on
+``lm_head`` when untied); they differ only in options (Qwen2: a QKV bias; Mistral and Qwen2: a
+sliding window, carried as ``ModelConfig.sliding_window`` when every layer slides, refused by
+name when only some do). Linear weights are ``nn.Linear`` (out, in) on
 both sides, so nothing is transposed; two of our tensors are fusions of several HF tensors:
 
 * ``attention.qkv`` = q_proj | k_proj | v_proj rows. MHA: [q | k | v]. GQA (g KV groups,
@@ -163,25 +164,48 @@ def _refuse(key: str, value, why: str) -> CheckpointError:
     return CheckpointError(f"Hugging Face config {key}={value!r} is not supported: {why}")
 
 
-def _rope_theta(hf: dict) -> float:
-    """RoPE base from ``rope_parameters`` (transformers 5) or the older top-level keys; any
-    scaling type other than the plain one is refused."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling")
-    for key, d in (("rope_parameters", params), ("rope_scaling", scaling or {})):
-        field = "rope_type" if "rope_type" in d else "type"
-        kind = d.get(field, "default")
-        if kind != "default":
-            raise _refuse(f"{key}.{field}", kind, "only plain RoPE is computed (no scaling)")
-    factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    if factor != 1.0:
+def _rope(hf: dict) -> tuple[float, dict | None]:
+    """(RoPE base, ``ModelConfig.rope_scaling``) from ``rope_parameters`` (transformers 5,
+    ``rope_theta`` inside) or the legacy ``rope_scaling`` + top-level ``rope_theta`` (the older
+    key wins when both are given, as transformers reads them). Scaling types other than
+    linear / dynamic / llama3 / yarn, keys we do not compute, and partial rotary are refused."""
+    from mtnlg.model.rotary import ROPE_SCALING_KEYS
+
+    legacy = hf.get("rope_scaling")
+    key = "rope_scaling" if legacy else "rope_parameters"
+    params = dict(legacy or hf.get("rope_parameters") or {})
+    field = "rope_type" if "rope_type" in params else "type"
+    kind = params.pop("rope_type", params.pop("type", "default"))
+    theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    factor = params.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if factor is not None and factor != 1.0:
         raise _refuse("partial_rotary_factor", factor, "Llama-family models rotate every channel")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if kind == "default":
+        return theta, None
+    if kind not in ROPE_SCALING_KEYS:
+        raise _refuse(
+            f"{key}.{field}", kind, f"RoPE scaling types computed: {', '.join(ROPE_SCALING_KEYS)}"
+        )
+    required, optional = ROPE_SCALING_KEYS[kind]
+    if kind in ("llama3", "yarn"):  # transformers' default when the file leaves it out
+        params.setdefault(
+            "original_max_position_embeddings",
+            hf.get("original_max_position_embeddings", hf.get("max_position_embeddings")),
+        )
+    unknown = sorted(set(params) - set(required) - set(optional))
+    if unknown:
+        raise _refuse(f"{key}.{unknown[0]}", params[unknown[0]], f"not computed for {kind}")
+    scaling = {"rope_type": kind, **params}
+    try:
+        from mtnlg.model.rotary import check_rope_scaling
+
+        check_rope_scaling(scaling)
+    except ValueError as e:
+        raise _refuse(key, scaling, str(e)) from None
+    return theta, scaling
 
 
 def _check_options(hf: dict) -> None:
-    mt = hf["model_type"]
-    max_pos = hf.get("max_position_embeddings")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise _refuse("hidden_act", act, "only SwiGLU with silu is computed")
@@ -191,16 +215,27 @@ def _check_options(hf: dict) -> None:
     nh, h = hf["num_attention_heads"], hf["hidden_size"]
     if h % nh and not hf.get("head_dim"):
         raise _refuse("head_dim", None, f"hidden_size / heads ({h}/{nh}) is not whole: give it")
+    _sliding_window(hf)
+
+
+def _sliding_window(hf: dict) -> int | None:
+    """The window every layer slides with (Mistral; Qwen2 with ``use_sliding_window``), or None;
+    a window in some layers only (Qwen2's ``max_window_layers``, ``layer_types``) is refused."""
+    mt, n = hf["model_type"], hf["num_hidden_layers"]
     window = hf.get("sliding_window")
-    slides = mt == "mistral" or (mt == "qwen2" and hf.get("use_sliding_window", False))
-    if slides and window is not None and (max_pos is None or window < max_pos):
-        key = "use_sliding_window" if mt == "qwen2" else "sliding_window"
-        raise _refuse(
-            key,
-            hf[key],
-            f"a sliding window of {window} < max_position_embeddings {max_pos} masks tokens "
-            "that full causal attention sees",
-        )
+    if mt == "llama" or window is None or (mt == "qwen2" and not hf.get("use_sliding_window")):
+        return None
+    types = hf.get("layer_types")
+    if types is None and mt == "qwen2":  # Qwen2Config: layers i >= max_window_layers slide
+        first = hf.get("max_window_layers", 28)
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    if types is not None and set(types) != {"sliding_attention"}:
+        if set(types) == {"full_attention"}:
+            return None
+        key = "layer_types" if hf.get("layer_types") is not None else "max_window_layers"
+        raise _refuse(key, hf.get(key), "a sliding window in some layers only is not computed "
+                      "(every layer slides, or none)")  # fmt: skip
+    return int(window)
 
 
 def _kv_channels(hf: dict) -> int | None:
@@ -218,7 +253,7 @@ def config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> ModelCo
     if mt not in MODEL_TYPES:
         raise CheckpointError(f"model_type={mt!r} is not a Llama-family architecture")
     _check_options(hf)
-    theta = _rope_theta(hf)
+    theta, rope_scaling = _rope(hf)
     nh = hf["num_attention_heads"]
     kv = hf.get("num_key_value_heads") or nh
     max_pos = hf.get("max_position_embeddings", 2048)
@@ -237,6 +272,8 @@ def config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> ModelCo
         layernorm_epsilon=hf.get("rms_norm_eps", 1e-6),
         position_embedding_type="rope",
         rotary_base=theta,
+        rope_scaling=rope_scaling,
+        sliding_window=_sliding_window(hf),
         normalization="rmsnorm",
         swiglu=True,
         num_query_groups=None if kv == nh else kv,
@@ -266,8 +303,16 @@ def check_exportable(cfg: ModelConfig, arch: str) -> None:
         bad.append("no linear biases (--disable-bias-linear)")
     if cfg.add_qkv_bias != (arch == "Qwen2ForCausalLM"):
         bad.append("a QKV bias" if arch == "Qwen2ForCausalLM" else "no QKV bias")
+    if cfg.sliding_window is not None and arch == "LlamaForCausalLM":
+        bad.append(f"no sliding window (this one has {cfg.sliding_window}: export as Mistral)")
     if bad:
         raise CheckpointError(f"{arch} export needs {', '.join(bad)}; this model config differs")
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    """transformers 5's ``rope_parameters``: rope_type, rope_theta and the scaling's keys."""
+    scaling = dict(cfg.rope_scaling or {"rope_type": "default"})
+    return {"rope_type": scaling.pop("rope_type"), "rope_theta": cfg.rotary_base, **scaling}
 
 
 def hf_config_dict(cfg: ModelConfig, arch: str, eod: int | None, dtype: torch.dtype) -> dict:
@@ -290,7 +335,7 @@ def hf_config_dict(cfg: ModelConfig, arch: str, eod: int | None, dtype: torch.dt
         initializer_range=cfg.init_method_std,
         attention_dropout=cfg.attention_dropout,
         hidden_act="silu",
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rotary_base},
+        rope_parameters=_rope_parameters(cfg),
         tie_word_embeddings=cfg.tied,
         architectures=[arch],
         bos_token_id=ids.get("bos_token_id"),
@@ -299,9 +344,11 @@ def hf_config_dict(cfg: ModelConfig, arch: str, eod: int | None, dtype: torch.dt
     if arch == "LlamaForCausalLM":
         kwargs.update(attention_bias=False, mlp_bias=False, head_dim=cfg.head_dim)
     elif arch == "MistralForCausalLM":
-        kwargs.update(sliding_window=None, head_dim=cfg.head_dim)
+        kwargs.update(sliding_window=cfg.sliding_window, head_dim=cfg.head_dim)
     else:
-        kwargs.update(use_sliding_window=False, sliding_window=None)
+        window = cfg.sliding_window  # every layer slides: max_window_layers 0
+        kwargs.update(use_sliding_window=window is not None, sliding_window=window)
+        kwargs.update(max_window_layers=0 if window is not None else cfg.num_layers)
         if cfg.attention_dim != cfg.hidden_size:  # Qwen2Attention reads head_dim when given
             kwargs.update(head_dim=cfg.head_dim)
     from mtnlg.checkpoint.hf import config_json

@@ -19,7 +19,17 @@ from mtnlg.data.errors import DataError
 
 TOKENIZER_TYPES = ("GPT2BPETokenizer", "HFTokenizer", "SentencePieceTokenizer")
 SPEC_FILE = "mtnlg_tokenizer.json"
-HF_SIDECARS = ("tokenizer_config.json", "special_tokens_map.json")
+HF_SIDECARS = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+"""Hugging Face files that travel with a tokenizer loaded from an HF folder (eos/pad names, the
+chat template). Each is optional: ``transformers`` 5 writes ``tokenizer.json``,
+``tokenizer_config.json`` and ``chat_template.jinja`` (when there is a template), and no
+``special_tokens_map.json``; version 4 wrote the map and kept the template in the config."""
+JSON_SIDECARS = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.json")
 EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<eod>", "<|eot_id|>")
 
 
@@ -27,6 +37,8 @@ class Tokenizer(ABC):
     """Common interface: ids are plain ``int`` lists, ``eod`` ends every document."""
 
     tokenizer_type: str
+    sidecar_dir: Path | None = None
+    """The folder whose ``HF_SIDECARS`` travel with this tokenizer (None: none do)."""
 
     @property
     @abstractmethod
@@ -64,8 +76,62 @@ class Tokenizer(ABC):
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         spec = self._save_files(out)
+        copy_sidecars(self.sidecar_dir, out)
         (out / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
         return out
+
+    @property
+    def chat_template(self) -> str | list | None:
+        """The chat template of the Hugging Face folder this tokenizer came from (None: none)."""
+        return read_chat_template(self.sidecar_dir)
+
+
+def check_sidecars(directory: Path) -> None:
+    """The JSON sidecars in ``directory`` parse as JSON objects (``DataError`` naming the file
+    otherwise), so a broken file stops a run when it starts, not when its export is written."""
+    for name in JSON_SIDECARS:
+        path = Path(directory) / name
+        if not path.is_file():
+            continue
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(value, dict):
+            raise DataError(f"{path}: expected a JSON object, got {type(value).__name__}")
+
+
+def copy_sidecars(src: Path | None, out: Path) -> None:
+    """Copy the ``HF_SIDECARS`` that ``src`` holds into ``out`` (missing ones are skipped)."""
+    if src is None:
+        return
+    for name in HF_SIDECARS:
+        path = Path(src) / name
+        if path.is_file() and path.resolve() != (out / name).resolve():
+            shutil.copyfile(path, out / name)
+
+
+def read_chat_template(directory: Path | None) -> str | list | None:
+    """A folder's chat template as ``transformers`` reads it: ``chat_template.jinja``, else
+    ``chat_template.json``'s ``chat_template``, else ``tokenizer_config.json``'s."""
+    if directory is None:
+        return None
+    d = Path(directory)
+    if (d / "chat_template.jinja").is_file():
+        return (d / "chat_template.jinja").read_text(encoding="utf-8")
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        if (d / name).is_file():
+            value = json.loads((d / name).read_text(encoding="utf-8")).get("chat_template")
+            if value is not None:
+                return value
+    return None
+
+
+def attach_sidecars(tokenizer: Tokenizer, directory: Path) -> Tokenizer:
+    """Make ``directory``'s HF sidecars (checked) travel with ``tokenizer``; returns it."""
+    check_sidecars(directory)
+    tokenizer.sidecar_dir = Path(directory)
+    return tokenizer
 
 
 def _require_file(path: str | Path | None, flag: str) -> Path:
@@ -168,6 +234,7 @@ class HFTokenizer(_HFBacked):
             self._tok = HFRustTokenizer.from_file(str(self.path))
         except Exception as e:
             raise DataError(f"--tokenizer-model: cannot load {self.path}: {e}") from e
+        attach_sidecars(self, self.path.parent)
         names = list(EOD_CANDIDATES)
         cfg = self.path.parent / "tokenizer_config.json"
         if cfg.is_file():
@@ -185,11 +252,7 @@ class HFTokenizer(_HFBacked):
         return {"tokenizer_type": self.tokenizer_type, "tokenizer_model": str(self.path)}
 
     def _save_files(self, out: Path) -> dict[str, str]:
-        self._tok.save(str(out / "tokenizer.json"))
-        for name in HF_SIDECARS:  # eos and special tokens travel with it (HF exports reuse them)
-            src = self.path.parent / name
-            if src.is_file() and src.resolve() != (out / name).resolve():
-                shutil.copyfile(src, out / name)
+        self._tok.save(str(out / "tokenizer.json"))  # the sidecars are copied by save()
         return {"tokenizer_type": self.tokenizer_type, "tokenizer_model": "tokenizer.json"}
 
 
@@ -266,4 +329,7 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         raise DataError(f"{d}: no {SPEC_FILE}; not a saved mtnlg tokenizer")
     spec = json.loads(spec_path.read_text())
     files = {k: d / v for k, v in spec.items() if k != "tokenizer_type"}
-    return build_tokenizer(spec["tokenizer_type"], **files)
+    tokenizer = build_tokenizer(spec["tokenizer_type"], **files)
+    if any((d / name).is_file() for name in HF_SIDECARS):  # carried from an HF folder
+        attach_sidecars(tokenizer, d)
+    return tokenizer

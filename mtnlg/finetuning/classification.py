@@ -4,8 +4,12 @@ Texts come from ``--text-column`` and labels from ``--label-column`` of any sour
 ``records.read_records`` reads. Labels are compared as strings (a JSON ``1`` is the label
 ``"1"``); the label set is ``--labels`` or the sorted set of training labels (numerically when
 they all are integers). Every record is checked before any training: a missing column, a label
-outside the set, an empty text, or a text longer than ``--seq-length`` tokens without
+outside the set, an empty (or blank) text, or a text longer than ``--seq-length`` tokens without
 ``--truncate`` is a ``DataError`` naming the file and line.
+
+Texts are tokenized exactly as read, whitespace and all (an SST-2 sentence's trailing space
+is a token): the ids are those ``transformers``' tokenizer gives for the same raw text, so the
+exported model's users get the logged dev metrics and ``--predict``'s labels.
 
 A micro-batch is right-padded to ``seq_length`` with the pad id (the tokenizer's EOD) and its
 targets are (m, 2) ``[label, last_index]``, the index picked as ``GPT2ForSequenceClassification``
@@ -82,6 +86,13 @@ def parse_labels(text: str) -> list[str]:
     return labels
 
 
+def tokenize_text(tokenizer, text: str) -> list[int]:
+    """The ids of ``text`` exactly as given, surrounding whitespace included: what the exported
+    tokenizer (``AutoTokenizer``, no special tokens added) gives for the same raw text, so the
+    run trains, evaluates and predicts on the tokens users of the export feed the model."""
+    return tokenizer.tokenize(text)
+
+
 def read_examples(
     source: RecordSource,
     tokenizer,
@@ -98,8 +109,7 @@ def read_examples(
         text = field(record, cols.text, "--text-column")
         if not isinstance(text, str):
             raise DataError(f"{record.where}: text is a {type(text).__name__}, not a string")
-        text = text.strip()
-        if not text:
+        if not text.strip():  # the text itself is tokenized as is (see ``tokenize_text``)
             raise DataError(f"{record.where}: empty text (--text-column {cols.text!r})")
         label = -1
         if index is not None:
@@ -110,7 +120,7 @@ def read_examples(
                     f"{list(index)} (--labels, or the labels of --train-data)"
                 )
             label = index[key]
-        ids = tokenizer.tokenize(text)
+        ids = tokenize_text(tokenizer, text)
         if len(ids) > seq_length:
             if not truncate:
                 raise DataError(

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from mtnlg.distributed.topology import ParallelConfigError, ParallelDims, Topology
-from mtnlg.finetuning.classification import ClassExample, ColumnSpec, read_examples
+from mtnlg.finetuning.classification import ClassExample, ColumnSpec, read_examples, tokenize_text
 from mtnlg.finetuning.records import DataError, RecordSource
 from mtnlg.finetuning.start import model_builder, resolve_start
 from mtnlg.finetuning.tasks import classify_rows, on_rank0
@@ -30,10 +30,11 @@ def read_inputs(args, tokenizer, seq: int) -> list[ClassExample]:
     out = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
-            where, text = f"{path}:{lineno}", line.strip()
-            if not text:
+            # only the line break is dropped: the text is tokenized as is (like training)
+            where, text = f"{path}:{lineno}", line.removesuffix("\n").removesuffix("\r")
+            if not text.strip():
                 raise DataError(f"{where}: empty text")
-            ids = tokenizer.tokenize(text)
+            ids = tokenize_text(tokenizer, text)
             if len(ids) > seq and not args.truncate:
                 raise DataError(f"{where}: {len(ids)} tokens exceed --seq-length {seq}")
             out.append(ClassExample(ids[:seq], -1, where))

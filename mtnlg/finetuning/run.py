@@ -73,6 +73,16 @@ def _run(args: argparse.Namespace) -> Outcome:
     except (ParallelConfigError, ValueError) as e:  # DataError is a ValueError
         raise SystemExit(f"error: {e}") from None
     pad = start.pad_token_id if start.pad_token_id is not None else tokenizer.eod
+    if args.export_hf:  # what the export step writes must be writable now, before training
+        from mtnlg.checkpoint import CheckpointError
+        from mtnlg.checkpoint.hf import check_hf_tokenizer_export
+
+        try:
+            check_hf_tokenizer_export(
+                tokenizer, cfg, pad if args.task == "classification" else None
+            )
+        except CheckpointError as e:
+            raise SystemExit(f"error: --export-hf {args.export_hf}: {e}") from None
     labels = None
     if args.task == "classification":
         labels, train, valid = classification_data(

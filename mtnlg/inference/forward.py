@@ -33,15 +33,19 @@ class KVCache:
             self.v[i] = torch.zeros(shape, dtype=dtype, device=device)
 
 
-def attention_mask(valid: torch.Tensor, start: int, s: int) -> torch.Tensor:
-    """(b, 1, s, start + s) bool: query i (slot start+i) sees the real keys at slots <= its own.
+def attention_mask(valid: torch.Tensor, start: int, s: int, window: int | None = None):
+    """(b, 1, s, start + s) bool: query i (slot start+i) sees the real keys at slots <= its own
+    (and, with a sliding ``window``, only the last ``window`` of them: slot > own - window).
 
-    ``valid`` (b, >= start+s) marks the slots holding real tokens (False: left padding). A
-    padding query also sees itself, so no row is empty (its output is never used)."""
+    ``valid`` (b, >= start+s) marks the slots holding real tokens (False: left padding: a
+    sequence's slots and positions differ by its padding, so slot distances are position
+    distances). A padding query also sees itself, so no row is empty (its output is unused)."""
     t = start + s
     q = torch.arange(start, t, device=valid.device)[:, None]  # (s, 1)
     k = torch.arange(t, device=valid.device)[None, :]  # (1, t)
     causal = k <= q  # (s, t)
+    if window is not None:
+        causal &= k > q - window
     mask = causal[None] & valid[:, None, :t]  # (b, s, t)
     mask |= (k == q)[None]
     return mask[:, None]
@@ -91,7 +95,8 @@ def stage_forward(
     else:
         x = inputs
     s = x.shape[1]
-    mask = attention_mask(valid, start, s)
+    window = model.layers[str(model.layer_ids[0])].attention.window if model.layer_ids else None
+    mask = attention_mask(valid, start, s, window)
     for i in model.layer_ids:
         ck = cache.k[i] if cache is not None else None
         cv = cache.v[i] if cache is not None else None

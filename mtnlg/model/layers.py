@@ -188,6 +188,14 @@ class OutputLayer(_VocabHead, nn.Module):
         return self.lm_logits(hidden, mask_padding=self.mask_padding)
 
 
+def sliding_causal_mask(s: int, window: int, device) -> torch.Tensor:
+    """(s, s) bool, True = may attend: key j for query i when i - window < j <= i
+    (transformers' sliding-window causal mask)."""
+    i = torch.arange(s, device=device)[:, None]
+    j = torch.arange(s, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
 class ParallelAttention(nn.Module):
     """Causal self-attention split by heads: each TP rank computes nh/tp query heads.
 
@@ -206,7 +214,9 @@ class ParallelAttention(nn.Module):
         self.heads_local = nh // tp
         self.head_dim = d
         self.dropout_p = cfg.attention_dropout
+        self.window = cfg.sliding_window  # None: plain causal attention
         self.rope = (cfg.rotary_dim, cfg.rotary_base) if cfg.use_rope else None
+        self.rope_scaling = (cfg.rope_scaling, cfg.max_position_embeddings)
         std = cfg.init_method_std
         sp = {"sequence_parallel": _sequence_parallel(cfg, tp_group)}
         if cfg.num_query_groups is None:
@@ -243,25 +253,27 @@ class ParallelAttention(nn.Module):
         if self.rope is not None:
             if positions is None:
                 positions = torch.arange(s, device=qkv.device)
-            cos, sin = rope_cos_sin(positions, self.rope[0], self.rope[1], q.dtype)
+            cos, sin = rope_cos_sin(
+                positions, self.rope[0], self.rope[1], q.dtype, *self.rope_scaling
+            )
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 
     def attend(self, q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
         """q (b, nh/tp, s, hd), k/v (b, kv/tp, T, hd) -> (b, s, nh/tp x hd); causal without ``mask``
-        (bool (b, 1, s, T), True = may attend)."""
+        (bool (b, 1, s, T), True = may attend; the caller applies the sliding window to it)."""
         b, _, s, _ = q.shape
         gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
-        if mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+        if mask is None and self.window is not None and s > self.window:
+            mask = sliding_causal_mask(s, self.window, q.device)  # (s, s)
+        causal = {"attn_mask": mask} if mask is not None else {"is_causal": True}
+        # dropout on split heads: the model-parallel generator
+        p = self.dropout_p if self.training else 0.0
+        if p > 0.0:
+            with get_rng_tracker().fork():
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, **causal, **gqa)
         else:
-            # dropout on split heads: the model-parallel generator
-            p = self.dropout_p if self.training else 0.0
-            if p > 0.0:
-                with get_rng_tracker().fork():
-                    y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, **gqa)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+            y = F.scaled_dot_product_attention(q, k, v, **causal, **gqa)
         return y.transpose(1, 2).reshape(b, s, self.heads_local * self.head_dim)
 
     def forward(self, x: torch.Tensor, skip_bias_add: bool = False):

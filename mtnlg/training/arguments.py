@@ -34,6 +34,8 @@ MODEL_FLAGS = {
     "untie_embeddings_and_output_weights": "--untie-embeddings-and-output-weights",
     "add_bias_linear": "--disable-bias-linear",
     "add_qkv_bias": "--add-qkv-bias",
+    # set by the RoPE scaling flags' action (``rope_scaling_from_args``), compared on resume
+    "rope_scaling": "--rope-scaling-type/--use-rope-scaling (rope_scaling)",
 }
 
 
@@ -64,6 +66,7 @@ def add_architecture_args(g) -> None:
     g.add_argument(
         "--rotary-percent", type=float, help="fraction of head channels rotated (default 1.0)"
     )
+    add_rope_scaling_args(g)
     g.add_argument("--normalization", choices=["layernorm", "rmsnorm"])
     flag = {"action": "store_const", "default": None}
     g.add_argument("--swiglu", const=True, help="SwiGLU MLP (gate and up fused)", **flag)
@@ -84,6 +87,90 @@ def add_architecture_args(g) -> None:
     g.add_argument(
         "--add-qkv-bias", const=True, help="a QKV bias even with --disable-bias-linear", **flag
     )
+
+
+class _RopeScalingFlag(argparse.Action):
+    """Stores the flag, then ``args.rope_scaling`` from all RoPE scaling flags seen so far (so
+    that resume compares it with the checkpoint's); the strict check is in
+    ``model_config_from_args``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+        namespace.rope_scaling = rope_scaling_from_args(namespace, strict=False)
+
+
+def add_rope_scaling_args(g) -> None:
+    """RoPE scaling (docs/llama.md): ``--use-rope-scaling`` is Megatron-LM's switch for Llama 3.1's
+    scaling (``llama3``, factor 8 unless ``--rope-scaling-factor``, low/high freq factor 1/4,
+    original context 8192); ``--rope-scaling-type`` picks any supported type."""
+    act = {"action": _RopeScalingFlag}
+    g.add_argument(
+        "--rope-scaling-type", choices=["linear", "dynamic", "llama3", "yarn"],
+        help="RoPE scaling as transformers 5 computes it (default: none)", **act,
+    )  # fmt: skip
+    g.add_argument(
+        "--use-rope-scaling", nargs=0, const=True, default=None,
+        help="Megatron-LM's Llama 3.1 switch: --rope-scaling-type llama3", **act,
+    )  # fmt: skip
+    g.add_argument(
+        "--rope-scaling-factor", type=float,
+        help="context extension factor (llama3 default 8)", **act,
+    )  # fmt: skip
+    g.add_argument(
+        "--rope-original-max-position-embeddings", type=int,
+        help="pretraining context of llama3 / yarn (llama3 default 8192; yarn: required)", **act,
+    )  # fmt: skip
+    g.add_argument("--rope-low-freq-factor", type=float, help="llama3 (default 1)", **act)
+    g.add_argument("--rope-high-freq-factor", type=float, help="llama3 (default 4)", **act)
+    g.add_argument("--yarn-beta-fast", type=float, help="yarn ramp bound (default 32)", **act)
+    g.add_argument("--yarn-beta-slow", type=float, help="yarn ramp bound (default 1)", **act)
+    g.add_argument(
+        "--yarn-attention-factor", type=float,
+        help="yarn cos/sin scale (default 0.1 ln(factor) + 1)", **act,
+    )  # fmt: skip
+
+
+ROPE_SCALING_FLAGS = {  # ModelConfig.rope_scaling key -> argparse dest
+    "factor": "rope_scaling_factor",
+    "original_max_position_embeddings": "rope_original_max_position_embeddings",
+    "low_freq_factor": "rope_low_freq_factor",
+    "high_freq_factor": "rope_high_freq_factor",
+    "beta_fast": "yarn_beta_fast",
+    "beta_slow": "yarn_beta_slow",
+    "attention_factor": "yarn_attention_factor",
+}
+
+
+def rope_scaling_from_args(args: argparse.Namespace, strict: bool = True) -> dict | None:
+    """``ModelConfig.rope_scaling`` from the RoPE scaling flags (None when no type is given);
+    ``strict``: SystemExit for flags that do not fit together."""
+    kind = getattr(args, "rope_scaling_type", None)
+    if getattr(args, "use_rope_scaling", None):
+        if strict and kind not in (None, "llama3"):
+            raise SystemExit(f"error: --use-rope-scaling is llama3, not --rope-scaling-type {kind}")
+        kind = "llama3"
+    given = {k: getattr(args, d, None) for k, d in ROPE_SCALING_FLAGS.items()}
+    given = {k: v for k, v in given.items() if v is not None}
+    if kind is None:
+        if given and strict:
+            raise SystemExit(f"error: {sorted(given)} given without --rope-scaling-type")
+        return None
+    from mtnlg.model.rotary import ROPE_SCALING_KEYS
+
+    if kind == "llama3":  # Megatron-LM's defaults (Llama 3.1)
+        defaults = {
+            "factor": 8.0,
+            "original_max_position_embeddings": 8192,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+        }
+        given = {**defaults, **given}
+    required, optional = ROPE_SCALING_KEYS[kind]
+    bad = sorted(set(given) - set(required) - set(optional))
+    if bad and strict:
+        flags = ", ".join("--" + ROPE_SCALING_FLAGS[k].replace("_", "-") for k in bad)
+        raise SystemExit(f"error: {flags} does not apply to --rope-scaling-type {kind}")
+    return {"rope_type": kind, **given}
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
@@ -305,6 +392,10 @@ def apply_kernel_flags(args: argparse.Namespace) -> None:
 def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelConfig:
     """Preset (if any) overridden by explicit flags; missing shape flags are a clear error."""
     overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k, None) is not None}
+    overrides.pop("rope_scaling", None)
+    rope_scaling = rope_scaling_from_args(args)  # strict: refuses flags that do not fit
+    if rope_scaling is not None:
+        overrides["rope_scaling"] = rope_scaling
     if args.preset:
         return get_preset(args.preset, vocab_size=vocab_size, **overrides)
     for k in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):

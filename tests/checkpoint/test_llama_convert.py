@@ -305,17 +305,19 @@ def _variant(src: Path, dst: Path, config: dict | None = None, change=None) -> P
 
 
 REFUSALS = [
+    # RoPE scaling (tests/checkpoint/test_llama_rope_scaling.py): what is still refused
     ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
-     None, r"rope_parameters\.rope_type='llama3'"),
-    ("llama", {"rope_scaling": {"type": "linear", "factor": 2.0}}, None,
-     r"rope_scaling\.type='linear'"),
-    ("qwen2", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
-     None, r"rope_parameters\.rope_type='yarn'"),
+     None, r"rope_parameters=.*llama3: missing \['low_freq_factor', 'high_freq_factor'\]"),
+    ("llama", {"rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}},
+     None, r"rope_scaling\.type='longrope'"),
+    ("qwen2", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                   "beta_fastest": 64}},
+     None, r"rope_parameters\.beta_fastest=64 .*not computed for yarn"),
     ("llama", {"partial_rotary_factor": 0.5}, None, r"partial_rotary_factor=0\.5"),
-    ("mistral", {"sliding_window": 16}, None, r"sliding_window=16 .*window of 16 < "
-     r"max_position_embeddings 64"),
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 16}, None,
-     r"use_sliding_window=True"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1,
+               "layer_types": None}, None, r"max_window_layers=1 .*some layers only"),
+    ("mistral", {"sliding_window": 16, "layer_types": ["full_attention", "sliding_attention"]},
+     None, r"layer_types=.*some layers only"),
     ("llama", {"attention_bias": True}, None, r"attention_bias=True"),
     ("llama", {"mlp_bias": True}, None, r"mlp_bias=True"),
     ("llama", {"head_dim": 16}, None, r"_proj\.weight has shape \(16, 32\), the config .* says \(32, 32\)"),
@@ -334,8 +336,8 @@ REFUSALS = [
 @pytest.mark.parametrize(
     "family, config, change, error",
     REFUSALS,
-    ids=["llama3-rope", "linear-rope-scaling", "yarn", "partial-rotary", "mistral-window",
-         "qwen2-window", "attention-bias", "mlp-bias", "head-dim", "gelu", "unknown-key",
+    ids=["llama3-incomplete", "longrope-scaling", "yarn-unknown-key", "partial-rotary",
+         "qwen2-some-layers-slide", "mistral-layer-types", "attention-bias", "mlp-bias", "head-dim", "gelu", "unknown-key",
          "missing-k-bias", "missing-lm-head", "tied-head-differs"],
 )  # fmt: skip
 def test_refusals(hf_dirs, tmp_path, family, config, change, error):

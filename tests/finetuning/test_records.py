@@ -168,3 +168,34 @@ def test_hf_dataset_errors(hf_sources):
         DataError, match=r"hf:.*bad.jsonl\[train\]: cannot read after 0 rows: .*row 1"
     ):
         _records(hf_dataset=str(bad))
+
+
+def test_classification_tokens_are_transformers_on_the_raw_text(tmp_path):
+    """Training/dev records and ``--predict`` inputs (records and .txt lines) are tokenized as
+    they are, surrounding whitespace included: the ids ``transformers`` gives the same text.
+    SST-2's dev sentences end in a space, which is a token."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from mtnlg.data.tokenizer import build_tokenizer
+    from mtnlg.finetuning.classification import ColumnSpec, read_examples
+    from mtnlg.finetuning.predict import read_inputs
+    from tests.checkpoint.hf5_folders import save_hf5_tokenizer
+    from tests.e2e.conftest import TINY_MERGES, TINY_VOCAB
+
+    ours = build_tokenizer("GPT2BPETokenizer", TINY_VOCAB, TINY_MERGES)
+    save_hf5_tokenizer(tmp_path / "tok")
+    hf = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    lines = SST2_DEV.read_text(encoding="utf-8").splitlines()[:6]
+    texts = [line.split("\t")[0] for line in lines[1:]] + ["  padded both sides  "]
+    assert all(t.endswith(" ") for t in texts)
+    want = [hf(t, add_special_tokens=False)["input_ids"] for t in texts]
+    tsv = tmp_path / "dev.tsv"
+    tsv.write_text("\n".join([*lines, "  padded both sides  \t1"]) + "\n", encoding="utf-8")
+    got = read_examples(RecordSource(path=str(tsv)), ours, 512, ColumnSpec(), ["0", "1"], False)
+    assert [e.ids for e in got] == want
+    txt = tmp_path / "inputs.txt"
+    txt.write_text("".join(t + "\r\n" for t in texts), encoding="utf-8")  # CRLF line ends too
+    args = SimpleNamespace(predict=str(txt), truncate=False)
+    assert [e.ids for e in read_inputs(args, ours, 512)] == want

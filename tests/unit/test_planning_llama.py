@@ -238,6 +238,11 @@ def test_params_per_rank_and_stage_equal_built_tp2_pp2():
         ("llama3-8b", "LlamaForCausalLM"),
         ("mistral-7b", "MistralForCausalLM"),
         ("qwen2-0.5b", "Qwen2ForCausalLM"),
+        ("llama3.1-8b", "LlamaForCausalLM"),
+        ("llama3.2-1b", "LlamaForCausalLM"),
+        ("llama3.2-3b", "LlamaForCausalLM"),
+        ("qwen2.5-0.5b", "Qwen2ForCausalLM"),
+        ("qwen2.5-7b", "Qwen2ForCausalLM"),
     ],
 )
 def test_released_sizes_equal_transformers_on_meta(preset, cls_name):

@@ -51,3 +51,19 @@ def test_vocab_padding():
         get_preset(name)  # every preset is a valid config
     with pytest.raises(ValueError, match="--preset"):
         get_preset("nope")
+
+
+@pytest.mark.parametrize(
+    "name, published",
+    [  # the parameter counts on the released models' Hugging Face model cards / safetensors
+        ("llama3.1-8b", 8_030_261_248),
+        ("llama3.2-1b", 1_235_814_400),
+        ("llama3.2-3b", 3_212_749_824),
+        ("qwen2.5-0.5b", 494_032_768),
+        ("qwen2.5-7b", 7_615_616_512),
+    ],
+)
+def test_released_llama3_qwen25_counts(name, published):
+    cfg = get_preset(name)
+    assert cfg.num_parameters() == published
+    assert cfg.tied == (name in ("llama3.2-1b", "llama3.2-3b", "qwen2.5-0.5b"))
