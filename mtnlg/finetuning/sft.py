@@ -53,9 +53,14 @@ class SFTExample:
     truncated: str = ""
     """``""``, ``"prompt"`` (left-truncated) or ``"response"`` (prompt shortened and the
     response cut on the right)."""
+    mask: np.ndarray | None = None
+    """Per token of ``ids``, 1 where the loss counts it (chat: the assistant turns,
+    ``mtnlg.finetuning.chat``); None: every token from ``prompt_len`` on."""
 
     @property
     def response_len(self) -> int:
+        if self.mask is not None:
+            return int(self.mask.sum())
         return len(self.ids) - self.prompt_len
 
 
@@ -71,6 +76,14 @@ def add_sft_arguments(parser) -> None:
         "column, e.g. 'Question: {prompt}\\nAnswer:' (\\n, \\t, \\\\ escapes understood; "
         "default: {prompt})",
     )
+    g.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="records are chat conversations ({'messages': [{'role', 'content'}, ...]}) "
+        "formatted with the tokenizer's own chat template (transformers' apply_chat_template); "
+        "the loss counts the assistant turns only",
+    )
+    g.add_argument("--messages-key", default="messages", help="with --chat-template: the column")
     g.add_argument(
         "--response-separator",
         default="\\n",
@@ -226,5 +239,8 @@ def sft_micro_batch(
             raise ValueError(f"{ex.where}: {len(t)} tokens do not fit seq_length {seq_length}")
         ids[row, :n] = t[:-1]
         labels[row, :n] = t[1:]
-        mask[row, ex.prompt_len - 1 : n] = 1.0  # position j predicts t[j + 1]
+        if ex.mask is not None:  # position j predicts t[j + 1]: counted if that token is
+            mask[row, :n] = torch.from_numpy(ex.mask[1 : n + 1].astype(np.float32))
+        else:
+            mask[row, ex.prompt_len - 1 : n] = 1.0  # position j predicts t[j + 1]
     return ids, (labels, mask)

@@ -99,14 +99,19 @@ def classification_task(train, valid, labels, micro, seq, pad, best_metric) -> T
 
 
 def sft_data(args, tokenizer, seq: int, train_src, valid_src):
-    from mtnlg.finetuning.sft import build_sft_examples
+    from mtnlg.finetuning.chat import build_chat_examples
+    from mtnlg.finetuning.sft import build_sft_examples, sft_summary
+
+    def examples(src):
+        if not args.chat_template:
+            return build_sft_examples(src, tokenizer, seq, args, log=sys.stderr)
+        out = build_chat_examples(src, tokenizer, seq, args)
+        print(f"{src.describe()}: {sft_summary(out)} (chat template)", file=sys.stderr)
+        return out
 
     def build():
-        log = sys.stderr
-        train = build_sft_examples(train_src, tokenizer, seq, args, log=log)
-        valid = None
-        if valid_src is not None:
-            valid = build_sft_examples(valid_src, tokenizer, seq, args, log=log)
+        train = examples(train_src)
+        valid = examples(valid_src) if valid_src is not None else None
         return train, valid
 
     return on_rank0(build)
