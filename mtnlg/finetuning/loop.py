@@ -204,7 +204,6 @@ def finetune(
                 )
                 out.stopped_early = True
                 break
-    out.losses.extend(runner.window.read())  # an early stop between log intervals
     if cfg.save:
         save(cfg.save)
     runner.close(out.losses)

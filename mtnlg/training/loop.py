@@ -176,7 +176,6 @@ def train(
                 break
     finally:
         loader.close()
-    progress.losses.extend(runner.window.read())  # an --exit-interval stop between intervals
     if loop.save and not (loop.save_interval and progress.iteration % loop.save_interval == 0):
         save()
     if signalled and rank0:

@@ -132,7 +132,8 @@ class StepRunner:
         self.nonfinite.stop_if_due(iteration)
 
     def close(self, losses: list) -> None:
-        """The losses of a stop between log intervals, then the bar closed."""
+        """The losses of a stop between log intervals (``--exit-interval``, early stopping,
+        preemption) appended to ``losses``, then the bar closed."""
         losses.extend(self.window.read())
         if self.bar is not None:
             self.bar.close()
