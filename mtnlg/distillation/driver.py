@@ -297,7 +297,7 @@ def _run(args: argparse.Namespace, exit_signal=None) -> Progress:
         "student_init_layers": init_layers,
     }
     loop = loop_config(args, batch, model_cfg.seq_length, train_iters)
-    logger = MetricsLogger(args.metrics_file, args.tensorboard_dir, enabled=topo.rank == 0)
+    logger = MetricsLogger.from_args(args, enabled=topo.rank == 0)
     try:
         progress = train(
             engine, topo, model_cfg, datasets, loop, schedule, ramp, progress, meta,

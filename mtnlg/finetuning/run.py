@@ -146,7 +146,7 @@ def _run(args: argparse.Namespace) -> Outcome:
         progress_bar=not args.no_progress,
         max_consecutive_nonfinite=args.max_consecutive_nonfinite,
     )
-    logger = MetricsLogger(args.metrics_file, args.tensorboard_dir, enabled=topo.rank == 0)
+    logger = MetricsLogger.from_args(args, enabled=topo.rank == 0)
     try:
         outcome = finetune(engine, topo, task, loop, schedule, meta, tokenizer, logger)
     finally:

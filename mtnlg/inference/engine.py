@@ -210,7 +210,7 @@ class InferenceEngine:
             if all(f is not None for f in finish):
                 break
         return [
-            Result(out[i], texts[i], finish[i], logits_log[i] if logits_log else None)
+            Result(out[i], texts[i], finish[i], logits=logits_log[i] if logits_log else None)
             for i in range(b)
         ]
 

@@ -136,6 +136,25 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+class StatusCounter:
+    """ASGI middleware: ``count(status)`` for every answer of status >= 400 (Prometheus'
+    ``mtnlg:request_errors_total``), whatever produced it (a handler, the body cap, a 404)."""
+
+    def __init__(self, app: ASGIApp, count) -> None:
+        self.app, self.count = app, count
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counted(message):
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                self.count(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
 def install_error_handlers(app: FastAPI, max_body: int) -> None:
     """Route every error of ``app`` through OpenAI's error shape; cap bodies at ``max_body``."""
     app.add_middleware(BodyLimit, limit=max_body)

@@ -69,8 +69,15 @@ def block_forward(
         cache_k[:, :, start:end] = k
         cache_v[:, :, start:end] = v
         k, v = cache_k[:, :, :end], cache_v[:, :, :end]  # (b, kv_l, T, d)
-    y = attn.attend(q, k, v, mask)  # (b, s, nh_l * d)
-    x = x + attn.dense(y)  # row-parallel: all-reduced over TP
+    return block_rest(block, x, q, k, v, mask)
+
+
+def block_rest(block: TransformerBlock, x, q, k, v, mask) -> torch.Tensor:
+    """The block after the projections: attention of q (b, nh_l, s, d) over the keys/values
+    (b, kv_l, T, d) under ``mask``, the row-parallel output (all-reduced over TP), the MLP;
+    x (b, s, h) -> (b, s, h)."""
+    y = block.attention.attend(q, k, v, mask)  # (b, s, nh_l * d)
+    x = x + block.attention.dense(y)  # row-parallel: all-reduced over TP
     return x + block.mlp(block.ln_2(x))
 
 

@@ -12,6 +12,20 @@ distribution is one-hot unless logits tie within rounding noise, so a smaller T 
 that noise (and logits / T overflows float32 to inf for |logit| / T > 3.4e38, e.g. 10 / 1e-38)."""
 
 
+MAX_LOGPROBS = 5
+"""Alternatives per token a request may ask for (OpenAI's completions limit)."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One position's log-probability: the token there, its log-probability under the model,
+    and the ``k`` most likely tokens with theirs (most likely first; ties by lower id)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each next token; validated on construction (messages name the flag)."""
@@ -32,6 +46,12 @@ class SamplingParams:
     whatever the batch it is in and whatever the TP x PP layout."""
     stop: tuple[str, ...] = ()
     """Generation ends once the text contains one of these; the text is cut before it."""
+    logprobs: int | None = None
+    """Return each generated token's log-probability and the ``logprobs`` most likely
+    alternatives (0..:data:`MAX_LOGPROBS`; None: none). Log-probabilities are those of the
+    model's distribution (log-softmax of the raw logits, before temperature / top-k / top-p)."""
+    prompt_logprobs: int | None = None
+    """The same for every prompt token after the first (``echo`` with ``logprobs``)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -42,6 +62,10 @@ class SamplingParams:
             raise ValueError(f"--top-k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:  # False for NaN too
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {k}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
 
@@ -69,6 +93,10 @@ class Result:
     tokens: list[int]
     text: str | None
     finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
+    """With ``params.logprobs``: one entry per generated token (on every rank)."""
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    """With ``params.prompt_logprobs``: one entry per prompt token, None for the first."""
     logits: list | None = None
     """Only with ``return_logits`` and only on the last stage: the (V,) fp32 logits of every
     step (unpadded vocabulary), for tests."""

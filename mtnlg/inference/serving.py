@@ -1,246 +1,225 @@
-"""Rank 0's side of the server: the FastAPI app, its bounded queue and the one generation thread.
+"""Rank 0's HTTP side: the FastAPI app over the :class:`~mtnlg.inference.scheduler.Scheduler`.
 
 Handlers validate the body (pydantic; the raw body is capped before it is parsed, the prompt
-text in bytes before it is tokenized) and queue a :class:`Job`; a full queue answers 429. The
-worker thread drains the queue, tokenizes and checks each job (a refused job is answered 4xx and
-never reaches the other ranks), broadcasts the accepted requests together (``("generate",
-requests)``; ``("ping", None)`` when idle, ``("stop", None)`` at shutdown) and generates.
+text in bytes before it is tokenized) and submit a :class:`Job`; the first message back says
+whether the worker accepted it, so a bad request gets its 4xx before a stream starts. Then:
 
-Failures stay with their request:
+- ``stream: false``: the events are gathered into one OpenAI answer;
+- ``stream: true``: Server-Sent Events, one ``data: {json}`` chunk per token and choice (the
+  same ``id`` and ``created`` on every chunk), a last chunk with the usage when
+  ``stream_options.include_usage``, then ``data: [DONE]``; a failure after the stream started is
+  sent as ``data: {"error": {...}}`` and ends it.
 
-- a sequence whose logits are unusable (NaN/inf) ends with ``"error"`` on every rank alike (the
-  sampler's ``INVALID`` token is broadcast like any other): that job gets a 500, the rest of the
-  batch is answered normally and the ranks stay in step;
-- an exception inside generation on one process: the batch's jobs are run again one by one, so
-  only the failing one gets a 500; the server keeps serving;
-- an exception inside generation with several ranks cannot be undone there (the peers may be
-  blocked in a collective): the batch gets 500s and the server stops (``serve`` returns False)
-  so that the launcher ends every rank instead of leaving them hanging.
-
-No answer carries an exception's text or a traceback: those go to the log (``uvicorn.error``).
+A client that disconnects (or whose stream is closed) cancels its job: its sequences are
+aborted and their slots freed before the next step. No answer carries an exception's text or a
+traceback: those go to the log (``uvicorn.error``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass, field
 
-import torch.distributed as dist
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
 
-from mtnlg.inference import api
-from mtnlg.inference.engine import RequestError, check_requests
-from mtnlg.inference.errors import install_error_handlers
+from mtnlg.inference import api, stream
+from mtnlg.inference.errors import (
+    APIError,
+    StatusCounter,
+    install_error_handlers,
+    internal_error,
+)
+from mtnlg.inference.params import Result
+from mtnlg.inference.scheduler import Job, Limits, Scheduler
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-PING = object()
-"""What the worker handles when idle for ``ping_s``: a no-op broadcast to the other ranks."""
+DISCONNECT_POLL_S = 1.0
+"""How often a waiting non-streaming handler checks that its client is still there."""
 log = logging.getLogger("uvicorn.error")
+NOT_FINITE = "generation failed for this request: the model's logits were not finite"
 
 
-def send(kind: str, requests=None) -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list([(kind, requests)], src=0)
+class _Choice:
+    """What a job's events gave one sequence so far."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.logprobs: list = []
+        self.prompt_logprobs = None
+        self.finish: str | None = None
+        self.text: str | None = None
+
+    def add(self, ev) -> None:
+        if ev.token is not None:
+            self.tokens.append(ev.token)
+        if ev.logprob is not None:
+            self.logprobs.append(ev.logprob)
+        if ev.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = ev.prompt_logprobs
+        if ev.finish is not None:
+            self.finish, self.text = ev.finish, ev.text
+
+    def result(self, want_logprobs: bool) -> Result:
+        return Result(
+            self.tokens,
+            self.text,
+            self.finish,
+            logprobs=self.logprobs if want_logprobs else None,
+            prompt_logprobs=self.prompt_logprobs,
+        )
 
 
-def receive() -> tuple[str, list | None]:
-    box = [None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request, and the queue, may hold (the server's ``--max-*`` flags)."""
-
-    max_queue: int = 64
-    """HTTP requests waiting for the generation thread; one more is answered 429."""
-    max_prompt_bytes: int = 1 << 20
-    """UTF-8 bytes of prompt text in one request (all its prompts together); more is a 400."""
-
-    @property
-    def max_body_bytes(self) -> int:
-        """Raw request body cap (413): room for the prompt text JSON-escaped (up to 6 bytes
-        per byte, ``\\u0001``) plus 64 KiB for the other fields."""
-        return 6 * self.max_prompt_bytes + (64 << 10)
-
-
-@dataclass
-class Job:
-    """``build()`` gives the requests; ``respond(requests, results)`` the answer."""
-
-    build: Callable
-    respond: Callable
-    per_prompt: int = 1
-    future: Future = field(default_factory=Future)
+def _failure(finish: str) -> APIError | None:
+    if finish == "error":
+        log.error("a request's logits were not finite (NaN or inf): answered 500")
+        return APIError(500, NOT_FINITE)
+    if finish in ("failed", "abort"):
+        return internal_error()
+    return None
 
 
 class Server:
     def __init__(
-        self, engine, model_name: str, batch_size: int, limits: Limits = Limits(), ping_s=60.0
+        self,
+        batcher,
+        model_name: str,
+        limits: Limits = Limits(),
+        chat_template=None,
+        metrics=None,
+        ping_s=30.0,
+        grace_s=5.0,
     ):
-        self.engine, self.name = engine, model_name
-        self.batch_size, self.ping_s, self.limits = batch_size, ping_s, limits
-        self.jobs: queue.Queue = queue.Queue(maxsize=limits.max_queue)
-        self.multi_rank = dist.is_initialized() and dist.get_world_size() > 1
-        self.failed = False
-        self.busy = False
+        self.engine, self.name, self.limits = batcher.engine, model_name, limits
+        self.grace_s = grace_s
+        self.chat_template, self.metrics = chat_template, metrics
+        self.scheduler = Scheduler(batcher, limits, metrics, ping_s)
+        self.scheduler.on_failure = self._on_failure
         self.uvicorn = None
         self.app = self._app()
 
-    # ---- the worker thread (the only thread that tokenizes, communicates and generates)
-    def _work(self) -> None:
+    @property
+    def failed(self) -> bool:
+        return self.scheduler.failed
+
+    def _on_failure(self) -> None:
+        """After a failure with several ranks: answer 503 (``/health`` included, for load
+        balancers) for ``grace_s`` seconds, then stop."""
+
+        def stop():
+            if self.uvicorn is not None:
+                self.uvicorn.should_exit = True
+
+        threading.Timer(self.grace_s, stop).start()
+
+    # ---- one job, seen from its handler
+    async def _start(self, build) -> tuple[Job, list]:
+        """Submit a job; its requests once the worker accepted it (else its APIError)."""
+        job = Job(build, asyncio.get_running_loop())
+        self.scheduler.submit(job)
+        try:
+            kind, value = await job.events.get()
+        except asyncio.CancelledError:
+            job.cancelled = True
+            raise
+        if kind != "accepted":
+            raise value
+        return job, value
+
+    async def _next(self, job: Job, request: Request | None):
+        """The job's next message; cancels the job if the client of a non-streaming request
+        went away while it waited."""
         while True:
             try:
-                first = self.jobs.get(timeout=self.ping_s)
-            except queue.Empty:
-                first = PING
-            jobs, stop = self._drain(first)
-            try:
-                if first is PING:
-                    send("ping")
-                self._run(jobs)
-                if stop:
-                    send("stop")
+                return await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+            except TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    job.cancelled = True
+                    raise APIError(499, "client disconnected") from None
+
+    async def _gather(self, job: Job, n: int, request: Request) -> list[_Choice]:
+        """Every choice to its end (500 if one failed)."""
+        choices = [_Choice() for _ in range(n)]
+        try:
+            while any(c.finish is None for c in choices):
+                kind, *rest = await self._next(job, request)
+                if kind == "failed":
+                    raise rest[0]
+                choice, ev = rest
+                choices[choice].add(ev)
+                err = _failure(ev.finish) if ev.finish else None
+                if err is not None:
+                    raise err
+        except BaseException:
+            job.cancelled = True
+            raise
+        return choices
+
+    async def _events(self, job: Job, reqs: list, chunk, usage_chunk, opening=None):
+        """The SSE body of a streaming job: ``opening(i)`` once per choice first (chat's role
+        chunk), then ``chunk(i, text, finish, ev, first, offset)`` per event (``offset``: the
+        choice's text sent before it)."""
+        choices = [_Choice() for _ in reqs]
+        detok = self.engine.tokenizer.detokenize
+        streams = [stream.TextStream(detok, r.params.stop) for r in reqs]
+        sent = [0] * len(reqs)
+        try:
+            if opening is not None:
+                for i in range(len(reqs)):
+                    yield stream.sse(opening(i))
+            while any(c.finish is None for c in choices):
+                kind, *rest = await self._next(job, None)
+                if kind == "failed":
+                    yield stream.error_event(rest[0])
                     return
-            except Exception:  # noqa: BLE001 - a bug, or a broken process group
-                log.exception("the generation thread failed")
-                if self.multi_rank:  # the ranks may be out of step: stop them all
-                    self._stop(jobs)
-                else:
-                    self._fail(jobs, api.internal_error())
-            if self.failed:  # the other ranks may be stuck: send nothing more
-                return
-
-    def _drain(self, first) -> tuple[list[Job], bool]:
-        """``first`` and every job already waiting (they are generated together); whether the
-        shutdown message (None) came with them."""
-        if first is PING:
-            return [], False
-        jobs, stop = [], first is None
-        if not stop:
-            jobs.append(first)
-        while not stop:
-            try:
-                job = self.jobs.get_nowait()
-            except queue.Empty:
-                break
-            stop = job is None
-            if not stop:
-                jobs.append(job)
-        return jobs, stop
-
-    @staticmethod
-    def _fail(jobs: list[Job], error: api.APIError) -> None:
-        for job in jobs:
-            if not job.future.done():
-                job.future.set_exception(error)
-
-    def _stop(self, jobs: list[Job]) -> None:
-        """Answer ``jobs`` 500, the ones still queued 503, and stop serving (rank 0 then exits
-        non-zero, so that the launcher ends every rank)."""
-        self.failed = True
-        self._fail(jobs, api.internal_error())
-        queued, _ = self._drain(PING if self.jobs.empty() else self.jobs.get_nowait())
-        self._fail(queued, api.APIError(503, "the server is stopping after a generation failure"))
-        if self.uvicorn is not None:
-            self.uvicorn.should_exit = True
-
-    def _run(self, jobs: list[Job]) -> None:
-        ready = []
-        for job in jobs:
-            if not job.future.set_running_or_notify_cancel():  # its client is gone
-                continue
-            try:
-                reqs = job.build()
-                check_requests(reqs, self.engine.cfg)
-                ready.append((job, reqs))
-            except api.APIError as e:
-                job.future.set_exception(e)
-            except RequestError as e:
-                msg = f"prompt {e.index // job.per_prompt}: {e.reason}"
-                job.future.set_exception(api.APIError(400, msg, "prompt"))
-            except Exception:  # noqa: BLE001 - answered, never reaches the other ranks
-                log.exception("preparing a request failed")
-                job.future.set_exception(api.internal_error())
-        if ready:
-            self.busy = True
-            try:
-                self._generate(ready)
-            finally:
-                self.busy = False
-
-    def _generate(self, ready: list) -> None:
-        requests = [r for _, reqs in ready for r in reqs]
-        try:
-            send("generate", requests)
-            results = self.engine.generate(requests, batch_size=self.batch_size)
-        except Exception:  # noqa: BLE001
-            log.exception("generation failed (%d requests, %d jobs)", len(requests), len(ready))
-            if self.multi_rank:
-                self._stop([job for job, _ in ready])
-            elif len(ready) > 1:  # one process, nothing to resync: find the failing job
-                for one in ready:
-                    self._generate([one])
-            else:
-                self._fail([ready[0][0]], api.internal_error())
-            return
-        lo = 0
-        for job, reqs in ready:
-            part = results[lo : lo + len(reqs)]
-            lo += len(reqs)
-            if any(r.finish_reason == "error" for r in part):
-                log.error("a request's logits were not finite (NaN or inf): answered 500")
-                msg = "generation failed for this request: the model's logits were not finite"
-                job.future.set_exception(api.APIError(500, msg))
-                continue
-            try:
-                job.future.set_result(job.respond(reqs, part))
-            except Exception:  # noqa: BLE001
-                log.exception("building an answer failed")
-                job.future.set_exception(api.internal_error())
-
-    async def submit(self, job: Job):
-        if self.failed:
-            raise api.APIError(503, "the server is stopping after a generation failure")
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise api.APIError(
-                429,
-                f"the server is busy: {self.limits.max_queue} requests are already waiting "
-                "(--max-queue); retry later",
-                code="rate_limit_exceeded",
-                kind="rate_limit_error",
-                headers={"retry-after": "1"},
-            ) from None
-        return await asyncio.wrap_future(job.future)
+                i, ev = rest
+                c = choices[i]
+                first = not c.tokens and c.finish is None
+                c.add(ev)
+                err = _failure(ev.finish) if ev.finish else None
+                if err is not None:
+                    yield stream.error_event(err)
+                    return
+                delta = streams[i].push(c.tokens, c.text if c.finish else None)
+                out = chunk(i, delta, c.finish, ev, first, sent[i])
+                sent[i] += len(out["choices"][0].get("text", delta))
+                yield stream.sse(out)
+            if usage_chunk is not None:
+                results = [c.result(False) for c in choices]
+                yield stream.sse(usage_chunk(reqs, results))
+            yield stream.DONE
+        finally:
+            if any(c.finish is None for c in choices):
+                job.cancelled = True  # the client left, or the stream failed: free the slots
 
     # ---- HTTP
     def _app(self) -> FastAPI:
-        app = FastAPI(
-            title="mtnlg",
-            docs_url=None,
-            redoc_url=None,
-            openapi_url=None,
-        )
+        app = FastAPI(title="mtnlg", docs_url=None, redoc_url=None, openapi_url=None)
         install_error_handlers(app, self.limits.max_body_bytes)
+        if self.metrics is not None:
+            app.add_middleware(StatusCounter, count=self.metrics.on_error)
         tok = self.engine.tokenizer
-        limit = self.engine.cfg.max_position_embeddings
+        limit = self.scheduler.batcher.length  # a slot: --max-model-len, or the model's context
         max_bytes = self.limits.max_prompt_bytes
+        sched = self.scheduler
 
         @app.get("/health")
         async def health():
             if self.failed:
-                raise api.APIError(503, "generation failed; the server is stopping")
-            return {"status": "ok", "waiting": self.jobs.qsize(), "busy": self.busy}
+                raise APIError(503, "generation failed; the server is stopping")
+            busy = sched.busy or sched.running > 0
+            return {"status": "ok", "waiting": sched.waiting, "running": sched.running,
+                    "busy": busy}  # fmt: skip
+
+        @app.get("/metrics")
+        async def metrics():
+            if self.metrics is None:
+                raise APIError(404, "metrics are off")
+            body, content_type = self.metrics.render()
+            return Response(body, media_type=content_type)
 
         @app.get("/v1/models")
         async def models():
@@ -248,35 +227,99 @@ class Server:
             card.update(owned_by="mtnlg", max_model_len=limit)
             return {"object": "list", "data": [card]}
 
+        def check_model(model: str | None) -> None:
+            if model is not None and model != self.name:
+                msg = f"model {model!r} is not served here ({self.name!r})"
+                raise APIError(404, msg, "model", "model_not_found")
+
         @app.post("/v1/completions")
-        async def completions(body: api.CompletionRequest):
-            if body.model is not None and body.model != self.name:
-                msg = f"model {body.model!r} is not served here ({self.name!r})"
-                raise api.APIError(404, msg, "model", "model_not_found")
+        async def completions(body: api.CompletionRequest, request: Request):
+            check_model(body.model)
             api.check_prompt_bytes(body.prompts, max_bytes, "prompt")
-            job = Job(
-                lambda: api.completion_requests(body, tok.tokenize, limit),
-                lambda reqs, res: api.completion_response(self.name, reqs, res, body.n),
-                per_prompt=body.n,
+            job, reqs = await self._start(
+                lambda: api.completion_requests(body, tok.tokenize, limit)
             )
-            return await self.submit(job)
+            echo = [body.prompts[i // body.n] for i in range(len(reqs))] if body.echo else None
+            if body.stream:
+                return self._stream_completion(job, reqs, body, echo)
+            choices = await self._gather(job, len(reqs), request)
+            results = [c.result(body.logprobs is not None) for c in choices]
+            return api.completion_response(self.name, reqs, results, body.n, echo, tok)
+
+        @app.post("/v1/chat/completions")
+        async def chat(body: api.ChatCompletionRequest, request: Request):
+            check_model(body.model)
+            api.check_prompt_bytes(body.texts, max_bytes, "messages")
+            if self.chat_template is None:
+                raise api.no_chat_template()
+            job, reqs = await self._start(
+                lambda: api.chat_requests(body, self.chat_template, limit)
+            )
+            if body.stream:
+                return self._stream_chat(job, reqs, body)
+            choices = await self._gather(job, len(reqs), request)
+            results = [c.result(bool(body.logprobs)) for c in choices]
+            return api.chat_response(self.name, reqs, results, body.n, tok)
 
         @app.put("/api")
-        async def megatron(body: api.MegatronRequest):
+        async def megatron(body: api.MegatronRequest, request: Request):
             api.check_prompt_bytes(body.prompts, max_bytes, "prompts")
-            job = Job(
-                lambda: api.megatron_requests(body, tok.tokenize, limit),
-                lambda _reqs, res: api.megatron_response(body.prompts, res, tok.detokenize),
-            )
-            return await self.submit(job)
+            job, reqs = await self._start(lambda: api.megatron_requests(body, tok.tokenize, limit))
+            choices = await self._gather(job, len(reqs), request)
+            results = [c.result(False) for c in choices]
+            return api.megatron_response(body.prompts, results, tok.detokenize)
 
         return app
+
+    def _usage(self, body, cid: str, created: int, obj: str):
+        """The builder of the last chunk (usage, no choices), or None without include_usage."""
+        if not body.include_usage:
+            return None
+
+        def usage(reqs, results):
+            u = api.usage(reqs, results, body.n)
+            return stream.usage_chunk(cid, created, self.name, obj, u)
+
+        return usage
+
+    def _stream_completion(self, job, reqs, body, echo) -> StreamingResponse:
+        cid, created, tok = api.new_id("cmpl"), int(time.time()), self.engine.tokenizer
+
+        def chunk(i, text, finish, ev, first, offset):
+            if first and echo is not None:
+                text = echo[i] + text
+            lp = None
+            if body.logprobs is not None:
+                prompt = reqs[i].prompt_tokens if first and echo is not None else None
+                lp = api.stream_logprobs(ev, tok, prompt, offset)
+            fin = api.FINISH.get(finish) if finish else None
+            return stream.completion_chunk(cid, created, self.name, i, text, fin, lp)
+
+        usage = self._usage(body, cid, created, "text_completion")
+        body_iter = self._events(job, reqs, chunk, usage)
+        return StreamingResponse(body_iter, media_type="text/event-stream")
+
+    def _stream_chat(self, job, reqs, body) -> StreamingResponse:
+        cid, created, tok = api.new_id("chatcmpl"), int(time.time()), self.engine.tokenizer
+
+        def opening(i):  # OpenAI's first chunk of a choice: the role, no text yet
+            return stream.chat_chunk(cid, created, self.name, i, dict(stream.ROLE_DELTA), None)
+
+        def chunk(i, text, finish, ev, first, offset):
+            delta = {"content": text} if text or not finish else {}
+            lp = api.chat_stream_logprobs(ev, tok) if body.logprobs else None
+            fin = api.FINISH.get(finish) if finish else None
+            return stream.chat_chunk(cid, created, self.name, i, delta, fin, lp)
+
+        usage = self._usage(body, cid, created, "chat.completion.chunk")
+        body_iter = self._events(job, reqs, chunk, usage, opening)
+        return StreamingResponse(body_iter, media_type="text/event-stream")
 
     def serve(self, host: str, port: int, log_level: str = "info") -> bool:
         """Serve until SIGINT/SIGTERM (or a generation failure with several ranks: False)."""
         import uvicorn
 
-        worker = threading.Thread(target=self._work, name="generate", daemon=True)
+        worker = threading.Thread(target=self.scheduler.run, name="generate", daemon=True)
         worker.start()
         config = uvicorn.Config(self.app, host=host, port=port, log_level=log_level)
         self.uvicorn = uvicorn.Server(config)
@@ -289,7 +332,7 @@ class Server:
             self.uvicorn.run()
         finally:
             if not self.failed:
-                self.jobs.put(None)  # after the jobs already queued: they are answered first
+                self.scheduler.jobs.put(None)  # after the jobs already queued: answered first
                 worker.join()
             for s, handler in old.items():
                 signal.signal(s, handler)

@@ -310,12 +310,33 @@ def add_checkpoint_logging_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exit-interval", type=int, help="stop (after saving) at this iteration")
     g.add_argument("--tensorboard-dir")
     g.add_argument("--metrics-file", help="JSON Lines: one object per logged iteration / eval")
+    add_prometheus_args(g)
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     g.add_argument(
         "--peak-tflops",
         type=float,
         help="device peak TFLOP/s for MFU in the logs (A100 bf16: 312, H100: 989)",
     )
+
+
+def add_prometheus_args(g) -> None:
+    """``--metrics-port/-host/-linger``: the rank-0 Prometheus endpoint (mtnlg.monitoring)."""
+    g.add_argument(
+        "--metrics-port", type=int, metavar="PORT",
+        help="serve the training metrics (loss, lr, tokens/s, MFU, ...) for Prometheus at "
+        "http://HOST:PORT/metrics from rank 0 (default: off; 0 picks a free port)",
+    )  # fmt: skip
+    g.add_argument(
+        "--metrics-host", default="127.0.0.1", metavar="HOST",
+        help="address the --metrics-port endpoint binds (default 127.0.0.1, this machine only; "
+        "0.0.0.0 for a Prometheus on another host)",
+    )  # fmt: skip
+    g.add_argument(
+        "--metrics-linger", type=float, default=0.0, metavar="SECONDS",
+        help="keep the --metrics-port endpoint up SECONDS after the last iteration: Prometheus "
+        "pulls every scrape_interval, so a short run's final values need one more scrape "
+        "(SIGTERM ends the wait; default 0)",
+    )  # fmt: skip
 
 
 def add_resume_args(p: argparse.ArgumentParser) -> None:

@@ -8,14 +8,17 @@ The metrics file holds one JSON object per logged iteration or evaluation::
 
 It is opened in append mode, so a resumed run continues it; ``drop_superseded`` removes the
 records a crash-and-resume repeated. Non-finite floats are written as Python's ``NaN`` /
-``Infinity``, which ``json.loads`` reads back.
+``Infinity``, which ``json.loads`` reads back. With ``--metrics-port`` the same training records
+also feed a Prometheus endpoint (``mtnlg.monitoring.training``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import sys
 from typing import Any
 
 
@@ -74,15 +77,24 @@ class MetricsLogger:
 
     Only rank 0 should pass ``enabled=True``; a disabled logger opens nothing and ignores calls.
     TensorBoard tags are ``train/<field>`` and ``eval/<field>`` with a leading ``val_`` dropped
-    (``val_loss`` -> ``eval/loss``), stepped by iteration.
+    (``val_loss`` -> ``eval/loss``), stepped by iteration. ``exporter``: a serving
+    ``mtnlg.monitoring.training.TrainingExporter`` that gets every training record too (its
+    endpoint lingers ``linger`` seconds at :meth:`close`, closed then).
     """
 
     def __init__(
-        self, metrics_file: str | None, tensorboard_dir: str | None, enabled: bool = True
+        self,
+        metrics_file: str | None,
+        tensorboard_dir: str | None,
+        enabled: bool = True,
+        exporter=None,
+        linger: float = 0.0,
     ) -> None:
         self.enabled = enabled
         self._file = None
         self._writer = None
+        self._exporter = exporter if enabled else None
+        self._linger = linger
         if not enabled:
             return
         if metrics_file:
@@ -93,9 +105,26 @@ class MetricsLogger:
 
             self._writer = SummaryWriter(log_dir=tensorboard_dir)
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, enabled: bool) -> MetricsLogger:
+        """``--metrics-file``, ``--tensorboard-dir`` and, with ``--metrics-port``, the Prometheus
+        endpoint (``--metrics-host``, ``--metrics-linger``); only an enabled (rank-0) logger
+        opens a port."""
+        exporter = None
+        if enabled and getattr(args, "metrics_port", None) is not None:
+            from mtnlg.monitoring.training import TrainingExporter
+
+            exporter = TrainingExporter(log_interval=getattr(args, "log_interval", 1) or 1)
+            url = exporter.serve(args.metrics_port, getattr(args, "metrics_host", "127.0.0.1"))
+            print(f"metrics: Prometheus endpoint {url}", file=sys.stderr, flush=True)
+        linger = getattr(args, "metrics_linger", 0.0) or 0.0
+        return cls(args.metrics_file, args.tensorboard_dir, enabled, exporter, linger)
+
     def log_train(self, iteration: int, fields: dict) -> None:
         """Record one training log interval (loss, lr, grad_norm, tokens_per_sec, ...)."""
         self._log("train", iteration, fields)
+        if self._exporter is not None:
+            self._exporter.observe(int(iteration), {k: _plain(v) for k, v in fields.items()})
 
     def log_eval(self, iteration: int, fields: dict) -> None:
         """Record one evaluation (val_loss, val_ppl, ...)."""
@@ -122,20 +151,29 @@ class MetricsLogger:
                     self._writer.add_scalar(f"{kind}/{name}", value, int(iteration))
             self._writer.flush()
 
-    def close(self) -> None:
-        """Flush and close the file and the TensorBoard writer."""
+    def close(self, linger: bool | None = None) -> None:
+        """Flush and close the file and the TensorBoard writer; then the Prometheus endpoint,
+        after its linger unless an exception is on its way out (``linger=None``: decided by
+        ``sys.exc_info()``, so a ``finally: logger.close()`` does not delay a failure)."""
         if self._file is not None:
             self._file.close()
             self._file = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._exporter is not None:
+            if linger is None:
+                linger = sys.exc_info()[0] is None
+            if linger:
+                self._exporter.linger(self._linger)
+            self._exporter.close()
+            self._exporter = None
 
     def __enter__(self) -> MetricsLogger:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        self.close(linger=exc[0] is None)
 
 
 # (field, label, format) in the order Megatron prints them; unknown fields follow.

@@ -189,7 +189,7 @@ def _run(
         if topo.rank == 0:
             print(resume.loaded_message(args.load, p, policy), flush=True)
     loop = loop_config(args, batch, seq, train_iters)
-    logger = MetricsLogger(args.metrics_file, args.tensorboard_dir, enabled=topo.rank == 0)
+    logger = MetricsLogger.from_args(args, enabled=topo.rank == 0)
     try:
         return train(
             engine,

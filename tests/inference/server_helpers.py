@@ -58,20 +58,24 @@ def serving(cmd: list[str], cwd, timeout: float = 120.0):
 FAULTS = """
 import os, sys, time
 sys.path.insert(0, {root!r})
-from mtnlg.inference import engine
-real_generate, real_sample = engine.InferenceEngine.generate, engine.sample
+from mtnlg.inference import batching
+real_step, real_prefill, real_sample = (
+    batching.Batcher.step, batching.Batcher._prefill, batching.sample
+)
 ARGS = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # deepspeed adds it
-GATE = ARGS.pop(0)  # while this file exists, generation waits (the test holds the worker)
+GATE = ARGS.pop(0)  # while this file exists, a generation step waits (the test holds the worker)
 
 
-def generate(self, requests, **kw):  # fails on rank 0 for any request asking for 7 tokens
+def step(self, plan, *args, **kw):
     while os.path.exists(GATE):
         time.sleep(0.02)
-    if os.environ.get("RANK", "0") == "0" and any(
-        r.params.max_new_tokens == 7 for r in requests
-    ):
+    return real_step(self, plan, *args, **kw)
+
+
+def prefill(self, seq, slot, request, emit):  # fails on rank 0 for a request of 7 tokens
+    if os.environ.get("RANK", "0") == "0" and request.params.max_new_tokens == 7:
         raise RuntimeError("injected failure SECRET-1234")
-    return real_generate(self, requests, **kw)
+    return real_prefill(self, seq, slot, request, emit)
 
 
 def sample(logits, params, gens):  # the sequences seeded 666 get NaN logits
@@ -82,7 +86,7 @@ def sample(logits, params, gens):  # the sequences seeded 666 get NaN logits
     return real_sample(logits, params, gens)
 
 
-engine.InferenceEngine.generate, engine.sample = generate, sample
+batching.Batcher.step, batching.Batcher._prefill, batching.sample = step, prefill, sample
 from mtnlg.inference.server import main
 main(ARGS)
 """

@@ -1,4 +1,4 @@
-"""Fuzz both endpoints of a real one-process server on 127.0.0.1 with 300 random bodies from a
+"""Fuzz the three endpoints (completions, chat completions, Megatron's) of a real one-process server on 127.0.0.1 with 300 random bodies from a
 seeded RNG: random types in every field, nested junk, huge and negative numbers, NaN, numbers
 as strings, unpaired surrogates, garbage bytes and invalid UTF-8, truncated or deeply nested
 JSON, missing fields, unknown fields, wrong content types and methods. No answer may be a 5xx;
@@ -24,6 +24,11 @@ COMPLETION_FIELDS = [
     "seed", "stream", "user", "echo", "logprobs", "suffix", "frequency_penalty",
     "presence_penalty", "logit_bias", "stream_options",
 ]  # fmt: skip
+CHAT_FIELDS = [
+    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+    "n", "stop", "seed", "stream", "stream_options", "logprobs", "top_logprobs", "user", "tools",
+    "tool_choice", "response_format", "frequency_penalty", "logit_bias",
+]  # fmt: skip
 MEGATRON_FIELDS = [
     "prompts", "tokens_to_generate", "temperature", "top_k", "top_p", "random_seed", "no_log",
 ]  # fmt: skip
@@ -46,6 +51,22 @@ EDGE = {  # per field: valid values, values at the limits, values that once cras
     "seed": [0, 2**62, 2**62 + 1, -1, 2**64],
     "random_seed": [-1, 0, 2**62, -2, 2**64],
     "stop": ["\n", ["a", "b"], [""], ["a"] * 5, "\ud800", [1]],
+    "stream": [True, False, None, "true"],
+    "stream_options": [{"include_usage": True}, {"include_usage": "yes"}, {"x": 1}],
+    "logprobs": [0, 5, 6, True, None],
+    "top_logprobs": [0, 2, 5, 6],
+    "echo": [True, False],
+    "messages": [
+        [{"role": "user", "content": "Hello"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+        [{"role": "wizard", "content": "Hi"}],
+        [],
+        [{"role": "user"}],
+        [{"content": "x"}],
+        [{"role": "user", "content": "\ud800"}],
+        [{"role": "user", "content": "é" * 1001}],
+    ],
 }
 
 
@@ -64,9 +85,13 @@ def random_body(rng: random.Random, fields: list[str]) -> dict:
     if rng.random() < 0.5:
         if fields is COMPLETION_FIELDS:
             body = {"prompt": "Hello", "max_tokens": 2}
+        elif fields is CHAT_FIELDS:
+            body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2}
         else:
             body = {"prompts": ["Hello"], "tokens_to_generate": 2}
         count = rng.choice([0, 1, 1, 2])
+        if fields is not MEGATRON_FIELDS and rng.random() < 0.3:
+            body["stream"] = True
     else:
         body, count = {}, rng.randrange(len(fields) + 1)
     for name in rng.sample(fields, count):
@@ -82,8 +107,11 @@ def random_body(rng: random.Random, fields: list[str]) -> dict:
 
 def random_case(rng: random.Random) -> tuple[str, str, bytes, dict]:
     """(method, path, body bytes, headers)."""
-    if rng.random() < 0.5:
+    roll = rng.random()
+    if roll < 0.35:
         method, path, fields = "POST", "/v1/completions", COMPLETION_FIELDS
+    elif roll < 0.7:
+        method, path, fields = "POST", "/v1/chat/completions", CHAT_FIELDS
     else:
         method, path, fields = "PUT", "/api", MEGATRON_FIELDS
     headers = {"content-type": "application/json"}
@@ -114,11 +142,16 @@ def random_case(rng: random.Random) -> tuple[str, str, bytes, dict]:
 @pytest.mark.timeout(240)
 def test_fuzzed_requests_never_get_a_5xx(hf_model, tmp_path):
     folder, _ = hf_model
+    template = tmp_path / "chat.jinja"
+    template.write_text(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    )
     cmd = [sys.executable, "-m", "mtnlg.inference.server", "--load", str(folder)]
-    cmd += ["--port", str(free_port()), "--log-level", "warning"]
+    cmd += ["--port", str(free_port()), "--log-level", "warning", "--chat-template", str(template)]
     cmd += ["--max-prompt-bytes", str(MAX_BYTES)]
     rng = random.Random(20240523)
     statuses: dict[int, int] = {}
+    served: set[tuple[str, str]] = set()
     bad = []
     with serving(cmd, tmp_path) as (url, proc), httpx.Client(timeout=60) as client:
         t0 = time.monotonic()
@@ -126,6 +159,8 @@ def test_fuzzed_requests_never_get_a_5xx(hf_model, tmp_path):
             method, path, body, headers = random_case(rng)
             r = client.request(method, url + path, content=body, headers=headers)
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            if r.status_code == 200:
+                served.add((path, r.headers["content-type"].split(";")[0]))
             if r.status_code >= 500 or not _well_formed(r, path):
                 bad.append((i, method, path, body[:300], r.status_code, r.text[:300]))
         elapsed = time.monotonic() - t0
@@ -133,19 +168,34 @@ def test_fuzzed_requests_never_get_a_5xx(hf_model, tmp_path):
         r = client.post(url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
         assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
     assert not bad, "\n".join(map(repr, bad))
-    # the fuzz reached both the refusals and generation
+    # the fuzz reached the refusals and generation, streamed or not, on every endpoint
     assert statuses.get(200, 0) >= 10 and statuses.get(400, 0) >= 100, statuses
     assert {413, 405} <= set(statuses), statuses
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        assert {(path, "application/json"), (path, "text/event-stream")} <= served, served
+    assert ("/api", "application/json") in served
     assert elapsed < 120, f"{CASES} requests took {elapsed:.0f} s"
 
 
+def _events(r: httpx.Response) -> bool:
+    """An SSE answer: ``data: {json}`` events ending with ``[DONE]`` (or an error event)."""
+    data = [line[6:] for line in r.text.split("\n") if line.startswith("data: ")]
+    if not data:
+        return False
+    if data[-1] != "[DONE]":
+        return "error" in json.loads(data[-1])
+    return all("choices" in json.loads(d) for d in data[:-1])
+
+
 def _well_formed(r: httpx.Response, path: str) -> bool:
+    if r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"):
+        return _events(r)
     try:
         body = r.json()
     except ValueError:
         return False
     if r.status_code == 200:
-        return "choices" in body if path == "/v1/completions" else "text" in body
+        return "choices" in body if path.startswith("/v1/") else "text" in body
     err = body.get("error") if isinstance(body, dict) else None
     return (
         isinstance(err, dict)

@@ -86,7 +86,7 @@ def test_oversized_prompt_is_refused_before_tokenizing(server, reference):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="gpt2", prompt="a " * 999, max_tokens=1)
     assert e.value.body["code"] == "context_length_exceeded", e.value.body
-    assert "max_position_embeddings (64)" in e.value.body["message"]
+    assert "context of 64 tokens" in e.value.body["message"]
     _still_serving(url, client, reference)
 
 
@@ -155,3 +155,45 @@ def test_usage_counts_each_prompt_once(server):
         assert out.usage.prompt_tokens == want_prompt
         assert out.usage.completion_tokens == NEW * n * len(prompts)
         assert out.usage.total_tokens == want_prompt + NEW * n * len(prompts)
+
+
+def test_failure_after_the_stream_started_is_an_error_event(server, reference):
+    """A stream whose logits turn NaN (seed 666) after it started (its first chunk, the role,
+    is sent when the stream opens for chat; for completions the 200 is already sent): the
+    failure arrives as ``data: {"error": ...}``, which the client raises; the other stream of
+    the same batch ends normally."""
+    url, client, *_ = server
+    with httpx.stream(
+        "POST",
+        url + "/v1/completions",
+        json={
+            "prompt": "Hello",
+            "max_tokens": NEW,
+            "temperature": 0.5,
+            "seed": 666,
+            "stream": True,
+        },
+        timeout=60,
+    ) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1].startswith('data: {"error"') and "not finite" in lines[-1], lines
+    with pytest.raises(openai.APIError) as e:
+        for _ in client.completions.create(
+            model="gpt2", prompt="Hello", max_tokens=NEW, temperature=0.5, seed=666, stream=True
+        ):
+            pass
+    assert "not finite" in str(e.value)
+    _still_serving(url, client, reference)
+
+
+def test_chat_without_a_template_is_a_clear_400(server, reference):
+    """The HF folder served here has no chat template: /v1/chat/completions says so (400),
+    naming --chat-template; completions keep working."""
+    url, client, *_ = server
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model="gpt2", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+    assert "--chat-template" in e.value.body["message"]
+    _still_serving(url, client, reference)
