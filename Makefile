@@ -11,10 +11,14 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 env: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+# llm-compressor (GPTQ) pins an older transformers than ours: it goes into a folder of its own,
+# without its dependencies, which only the GPTQ path puts on sys.path (requirements-quantize.txt)
+
+$(VENV)/.installed: requirements.txt requirements-quantize.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/extras/quantize -r requirements-quantize.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 

@@ -9,6 +9,14 @@ the checkpoint was imported from, else by its features). Options a model compute
                                       [--weights-only]
     convert_checkpoint.py hf-to-mtnlg --input HF_DIR --output CKPT --tp N --pp M
     convert_checkpoint.py reshard --input CKPT [--tag T] --output CKPT2 --tp N --pp M [--dp D]
+    convert_checkpoint.py quantize --load CKPT_OR_HF --save DST --scheme {w8a16,w4a16,w4a16-rtn}
+                                   [--group-size 128] [--calib-data FILE --calib-samples 512
+                                   --calib-seq-length L] [--dtype fp32]
+
+``quantize`` writes a compressed-tensors folder (``transformers`` and vLLM load it): w8a16 is
+int8 per output channel, round-to-nearest; w4a16 is int4 in groups of 128 by GPTQ on
+``--calib-data`` (llm-compressor, the optional extra ``make env`` installs); w4a16-rtn is its
+round-to-nearest baseline. GPT-2 is written as ``OPTForCausalLM`` (see docs/compression.md).
 
 A Hugging Face folder holds weights only: ``mtnlg-to-hf`` of a checkpoint with optimizer state
 needs ``--weights-only``; ``reshard`` carries ZeRO-1/2 optimizer state (fp32 and bf16 formats).
@@ -70,12 +78,54 @@ def build_parser() -> argparse.ArgumentParser:
             help="write the weights only, dropping the optimizer state (refused without it "
             "when the input has optimizer state that the output cannot carry)",
         )
+    _add_quantize(sub.add_parser("quantize"))
     return p
+
+
+def _add_quantize(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--load", "--input", dest="load", required=True, help="mtnlg checkpoint or HF")
+    s.add_argument("--save", "--output", dest="save", required=True, help="new folder")
+    s.add_argument("--tag", help="checkpoint tag (default: the 'latest' one)")
+    s.add_argument("--scheme", required=True, help="w8a16, w4a16 (GPTQ) or w4a16-rtn")
+    s.add_argument("--group-size", type=int, default=128, help="int4 columns per scale")
+    s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="unquantized tensors")
+    s.add_argument("--calib-data", help="GPTQ data: .bin/.idx prefix, JSON lines or text")
+    s.add_argument("--calib-samples", type=int, default=512, help="GPTQ calibration rows")
+    s.add_argument("--calib-seq-length", type=int, help="tokens per row (default: positions)")
+    s.add_argument("--json-keys", nargs="+", default=["text"], help="JSON lines text keys")
+    s.add_argument("--split", default="969,30,1", help=".bin/.idx: its training split is read")
+    s.add_argument("--seed", type=int, default=1234, help=".bin/.idx: the training shuffle")
+
+
+def _quantize(args) -> int:
+    import signal
+
+    import torch
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # cleanup runs: no DST.tmp-* left
+
+    from mtnlg.checkpoint import CheckpointError
+    from mtnlg.compression.quantize import QuantizeError, quantize
+
+    try:
+        report = quantize(
+            args.load, args.save, args.scheme, group_size=args.group_size,
+            calib_data=args.calib_data, calib_samples=args.calib_samples,
+            calib_seq_length=args.calib_seq_length, dtype=getattr(torch, DTYPES[args.dtype]),
+            tag=args.tag, json_keys=tuple(args.json_keys), split=args.split, seed=args.seed,
+        )  # fmt: skip
+    except (QuantizeError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.save}: {report}", flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "quantize":
+        return _quantize(args)
     if args.verify_tolerance is not None and not args.verify:
         parser.error("--verify-tolerance needs --verify")
     import torch

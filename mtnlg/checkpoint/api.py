@@ -6,6 +6,7 @@ A *full state* is a ``GPTModel`` state dict at TP=1 in fp32 with the word embedd
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -18,13 +19,16 @@ from mtnlg.config import ModelConfig
 
 def load_full_state(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor], object | None]:
     """(config, full fp32 state, tokenizer or None) from an mtnlg checkpoint or an HF folder
-    (GPT-2, Llama, Mistral or Qwen2)."""
+    (GPT-2, Llama, Mistral or Qwen2; GPT-2 carried as OPT; compressed-tensors W?A16 folders
+    dequantized to fp32)."""
     p = Path(path)
     if (p / "config.json").is_file():
         from mtnlg.checkpoint.hf import HFReader, config_from_hf, read_hf_tokenizer
 
         reader = HFReader(p)
         cfg = config_from_hf(reader.config)
+        if reader.dequantizer is not None:  # W?A16 run as fp32 weights holding scale * q
+            print(f"{p}: {reader.dequantizer.summary()}", file=sys.stderr, flush=True)
         reader.check_tied_head()
         full = {}
         for group in rules.layer_groups(cfg):

@@ -117,6 +117,8 @@ def hf_to_mtnlg(
 
     reader = HFReader(input)
     cfg = config_from_hf(reader.config, make_vocab_size_divisible_by)
+    if reader.dequantizer is not None:  # the mtnlg checkpoint holds scale * q in fp32
+        print(f"{input}: {reader.dequantizer.summary()}", file=sys.stderr, flush=True)
     check_layout(cfg, tp, pp)
     reader.check_tied_head()
     extra = sorted(set(reader.names()) - set(rules.expected_names(cfg)))

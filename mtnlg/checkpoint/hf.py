@@ -6,7 +6,9 @@ transpose only. ``lm_head.weight`` is tied to ``transformer.wte.weight`` and nev
 
 The Llama family (Llama, Mistral, Qwen2) has its table in ``hf_llama.py``; the functions here
 that take a config or an HF folder dispatch on ``config.json``'s ``model_type`` (import) and on
-``export_architecture(cfg)`` (export). The safetensors reader and writer serve both.
+``export_architecture(cfg)`` (export). The safetensors reader and writer serve both. Read only:
+an ``OPTForCausalLM`` with GPT-2's structure (``hf_opt.py``, the carrier of quantized GPT-2
+exports) and compressed-tensors quantized folders, dequantized on read (``quantized.py``).
 """
 
 from __future__ import annotations
@@ -102,15 +104,18 @@ _UNSUPPORTED = {  # HF GPT-2 options whose non-default value our model does not 
 
 def config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> ModelConfig:
     """ModelConfig from an HF ``config.json`` dict; other architectures are refused."""
-    from mtnlg.checkpoint import hf_llama
+    from mtnlg.checkpoint import hf_llama, hf_opt
 
     if hf.get("model_type") in hf_llama.MODEL_TYPES:
         return hf_llama.config_from_hf(hf, make_vocab_size_divisible_by)
+    if hf.get("model_type") in hf_opt.MODEL_TYPES:  # GPT-2 carried as OPT (quantized exports)
+        return hf_opt.config_from_hf(hf, make_vocab_size_divisible_by)
     if hf.get("model_type") != "gpt2":
         raise CheckpointError(
             f"unsupported Hugging Face architecture model_type={hf.get('model_type')!r} "
-            f"({hf.get('architectures')}): only GPT-2 (GPT2LMHeadModel), Llama, Mistral and "
-            "Qwen2 (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM) convert"
+            f"({hf.get('architectures')}): only GPT-2 (GPT2LMHeadModel, or OPTForCausalLM "
+            "with GPT-2's structure), Llama, Mistral and Qwen2 (LlamaForCausalLM, "
+            "MistralForCausalLM, Qwen2ForCausalLM) convert"
         )
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -217,7 +222,9 @@ SAFE_INDEX = "model.safetensors.index.json"
 
 class HFReader:
     """Lazy tensor access to an HF folder (``model.safetensors`` or a sharded index) by
-    ``GPTModel`` names: GPT-2 or, by ``model_type``, the Llama family (fused on read)."""
+    ``GPTModel`` names: GPT-2 or, by ``model_type``, the Llama family or a GPT-2-structured OPT
+    (fused on read). A compressed-tensors quantized folder is dequantized on read
+    (``quantized.py``): ``dequantizer`` is then set and ``names()`` are the dense ones."""
 
     def __init__(self, folder: str | Path):
 
@@ -245,15 +252,26 @@ class HFReader:
                 if weight_map is not None and weight_map.get(k) != f:
                     continue
                 self.weight_map[k] = f
-        from mtnlg.checkpoint import hf_llama
+        from mtnlg.checkpoint import hf_llama, hf_opt, quantized
 
         self.llama = self.config.get("model_type") in hf_llama.MODEL_TYPES
-        if not self.llama and self.config.get("model_type") != "gpt2":
-            config_from_hf(self.config)  # refuses the architecture by name
+        self.opt = self.config.get("model_type") in hf_opt.MODEL_TYPES
+        if self.opt or (not self.llama and self.config.get("model_type") != "gpt2"):
+            config_from_hf(self.config)  # refuses the architecture (or OPT variant) by name
+        keys = list(self.weight_map)
+        self.dequantizer = None
+        if quantized.is_quantized(self.config):  # quantized layers read as dense X.weight
+            self.dequantizer = quantized.Dequantizer(self.config, keys, str(self.folder))
+            drop = self.dequantizer.hidden | set(self.dequantizer.dense)
+            keys = [k for k in keys if k not in drop]
+            keys += list(self.dequantizer.dense)
         tied = self.config.get("tie_word_embeddings", False)
         self._ours: dict[str, list[tuple[str, bool | str | None]]] = {}
-        for k in self.weight_map:
-            mapped = hf_llama.hf_to_ours_name(k, tied) if self.llama else hf_to_ours_name(k)
+        for k in keys:
+            if self.opt:
+                mapped = hf_opt.hf_to_ours_name(k)
+            else:
+                mapped = hf_llama.hf_to_ours_name(k, tied) if self.llama else hf_to_ours_name(k)
             if mapped is not None:
                 self._ours.setdefault(mapped[0], []).append((k, mapped[1]))
         self.has_lm_head = any(k.endswith("lm_head.weight") for k in self.weight_map)
@@ -268,6 +286,11 @@ class HFReader:
             raise CheckpointError(f"{self.folder}: missing tensor for {name!r}")
         if self.llama:
             return self._get_llama(name)
+        if self.opt:
+            from mtnlg.checkpoint import hf_opt
+
+            parts = {part: self._read(k).float() for k, part in self._ours[name]}
+            return hf_opt.combine(name, parts).contiguous()
         ((hf_name, transpose),) = self._ours[name]
         t = self._read(hf_name).float()
         return (t.t() if transpose else t).contiguous()
@@ -292,7 +315,13 @@ class HFReader:
         return hf_llama.combine(name, parts, self._cfg).contiguous()
 
     def _read(self, hf_name: str) -> Tensor:
-        """One tensor by plain reads (no mmap: only this tensor's bytes enter memory)."""
+        """One tensor by its HF name; a quantized layer's weight dequantized to fp32."""
+        if self.dequantizer is not None and hf_name in self.dequantizer.dense:
+            return self.dequantizer.read(hf_name, self._read_stored)
+        return self._read_stored(hf_name)
+
+    def _read_stored(self, hf_name: str) -> Tensor:
+        """One stored tensor by plain reads (no mmap: only this tensor's bytes enter memory)."""
         f = self.weight_map[hf_name]
         info = self._headers[f][hf_name]
         start, end = info["data_offsets"]
@@ -317,6 +346,7 @@ class HFReader:
         head = self._read(key).float()
         if not torch.equal(head, self.get("embedding.word_embeddings.weight")):
             embed = "model.embed_tokens.weight" if self.llama else "transformer.wte.weight"
+            embed = "model.decoder.embed_tokens.weight" if self.opt else embed
             raise CheckpointError(f"lm_head.weight differs from {embed} (untied)")
 
 
@@ -325,6 +355,9 @@ _ST_DTYPES = {
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
+    "I8": torch.int8,  # the integer dtypes: compressed-tensors' quantized layers
+    "I32": torch.int32,
+    "I64": torch.int64,
 }
 
 
@@ -552,13 +585,13 @@ def check_hf_tokenizer_export(tokenizer, cfg: ModelConfig, pad_token_id: int | N
 
 def read_hf_tokenizer(folder: Path):
     """Our Tokenizer for an HF folder (GPT-2 BPE files, else tokenizer.json), or None. For
-    other than GPT-2 models, ``tokenizer.json`` comes first (Qwen2 ships both, and only the
-    tokenizer.json has its pre-tokenizer and added tokens)."""
+    other than GPT-2 (and OPT, whose tokenizer is GPT-2's BPE), ``tokenizer.json`` comes first
+    (Qwen2 ships both, and only the tokenizer.json has its pre-tokenizer and added tokens)."""
     from mtnlg.data.tokenizer import GPT2BPETokenizer, HFTokenizer, attach_sidecars
 
     conf = folder / "config.json"
     model_type = json.loads(conf.read_text()).get("model_type") if conf.is_file() else None
-    if model_type not in (None, "gpt2") and (folder / "tokenizer.json").is_file():
+    if model_type not in (None, "gpt2", "opt") and (folder / "tokenizer.json").is_file():
         return HFTokenizer(folder)
     if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         tok = GPT2BPETokenizer(folder / "vocab.json", folder / "merges.txt")

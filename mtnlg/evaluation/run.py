@@ -2,14 +2,18 @@
 
 Tasks: ``perplexity`` (a validation split or a raw text file, non-overlapping windows),
 ``wikitext`` (Megatron's zero-shot WikiText perplexity) and ``lambada`` (Megatron's zero-shot
-LAMBADA accuracy). Every flag and file is checked before the model is built.
+LAMBADA accuracy). Every flag and file is checked before the model is built. A Hugging Face
+folder given to ``--load`` (a compressed-tensors quantized one too) is first converted to a
+temporary mtnlg checkpoint at TP1 x PP1 (quantized weights dequantized to fp32).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch.distributed as dist
@@ -34,7 +38,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     import deepspeed
 
     p = argparse.ArgumentParser(description=description, allow_abbrev=False)
-    p.add_argument("--load", required=True, help="mtnlg checkpoint directory (with 'latest')")
+    p.add_argument(
+        "--load",
+        required=True,
+        help="mtnlg checkpoint directory (with 'latest'), or a Hugging Face folder (config.json)",
+    )
     p.add_argument(
         "--task",
         choices=["perplexity", "wikitext", "lambada"],
@@ -110,14 +118,38 @@ def check_args(args) -> None:
 
 def run(argv: list[str] | None = None, description: str = __doc__) -> dict:
     args = build_parser(description).parse_args(argv)
-    check_args(args)
-    meta = checkpointing.read_meta(args.load)
-    data = _task_data(args, meta, _seq_length(args, meta))  # bad input: refused before launch
-    init_distributed()
-    try:
-        return _run(args, meta, data)
-    finally:
-        shutdown()
+    with _hf_as_checkpoint(args):
+        check_args(args)
+        meta = checkpointing.read_meta(args.load)
+        data = _task_data(args, meta, _seq_length(args, meta))  # bad input: refused before launch
+        init_distributed()
+        try:
+            return _run(args, meta, data)
+        finally:
+            shutdown()
+
+
+@contextmanager
+def _hf_as_checkpoint(args):
+    """``--load`` an HF folder (config.json, no 'latest'): evaluated as a temporary mtnlg
+    checkpoint at TP1 x PP1 that ``hf_to_mtnlg`` writes (each process its own), then removed."""
+    if not Path(args.load, "config.json").is_file() or Path(args.load, "latest").is_file():
+        yield
+        return
+    from mtnlg.checkpoint.convert import hf_to_mtnlg
+    from mtnlg.checkpoint.rules import CheckpointError
+
+    source = args.load
+    with tempfile.TemporaryDirectory(prefix="mtnlg_eval_hf_") as tmp:
+        try:
+            hf_to_mtnlg(source, f"{tmp}/ckpt", 1, 1)
+        except CheckpointError as e:
+            raise SystemExit(f"error: --load {source}: {e}") from None
+        args.load = f"{tmp}/ckpt"
+        try:
+            yield
+        finally:
+            args.load = source
 
 
 def _seq_length(args, meta: dict) -> int:
