@@ -15,26 +15,17 @@ from __future__ import annotations
 
 import torch
 
-from mtnlg.inference.forward import block_rest
+from mtnlg.inference.forward import KVCache, block_rest
 from mtnlg.inference.stage import StageModel
 from mtnlg.model.layers import TransformerBlock
 
 
-class SlotCache:
-    """Keys and values of this rank's KV heads for every layer of the stage: (S, kv_l, T, d)."""
+class SlotCache(KVCache):
+    """The per-layer KV cache with one row per slot: (S, kv_l, T, d)."""
 
     def __init__(self, model: StageModel, slots: int, length: int, dtype, device):
+        super().__init__(model, slots, length, dtype, device)
         self.slots, self.length = slots, length
-        self.k: dict[int, torch.Tensor] = {}
-        self.v: dict[int, torch.Tensor] = {}
-        for i in model.layer_ids:
-            attn = model.layers[str(i)].attention
-            shape = (slots, attn.kv_heads_local, length, attn.head_dim)
-            self.k[i] = torch.zeros(shape, dtype=dtype, device=device)
-            self.v[i] = torch.zeros(shape, dtype=dtype, device=device)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [*self.k.values(), *self.v.values()])
 
 
 def slot_mask(start: torch.Tensor, s: int, t: int, window: int | None) -> torch.Tensor:
